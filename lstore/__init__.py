@@ -1,0 +1,1 @@
+"""lstore: container image pull and OverlayFS storage engine."""
