@@ -1,0 +1,69 @@
+"""The `lstore` command line: global options, dispatch and error reporting.
+
+Each command group registers its own subcommands (cli_store, cli_runner, cli_bench), and
+imports its heavy dependencies inside the handlers, so `lstore images` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from lstore.errors import LstoreError
+
+# Modules that add subcommands; each has register(subparsers). A group that is missing from
+# this checkout is skipped, so the store commands work without the runner.
+_COMMAND_GROUPS = ("lstore.cli_store", "lstore.cli_runner", "lstore.cli_bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstore", description="Pull container images into an overlay store and run them."
+    )
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="store root directory (default: $LSTORE_ROOT or /var/lib/lstore)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LSTORE_LOG_LEVEL", "warning"),
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log to stderr (default: warning)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="lstore: %(levelname)s: %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except LstoreError as exc:
+        print(f"lstore: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lstore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The CPU side of one layer: hash the compressed bytes, inflate, extract, hash the diffID.
+
+Runs in a worker thread while the event loop downloads into the same IngestFile, so
+extraction of a layer starts with its first downloaded bytes. The blob digest is computed
+here, over exactly the bytes the file holds, and both checks happen before anything commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from lstore.store.digest import Digest
+from lstore.store.unpack import unpack_layer
+
+# Reads of 1 MiB keep the per-call overhead of hashing and inflating negligible.
+_READ_SIZE = 1 << 20
+
+
+class HashingReader:
+    """A reader that feeds every byte it returns into a hash."""
+
+    def __init__(self, source: BinaryIO, algorithm: str = "sha256") -> None:
+        self._source = source
+        self.hasher = hashlib.new(algorithm)
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.hasher.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Hash whatever the consumer left unread, so the digest covers the whole blob."""
+        while self.read(_READ_SIZE):
+            pass
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    blob_digest: Digest
+    diff_id: Digest | None
+    size: int
+
+
+def process_layer(
+    source: BinaryIO,
+    *,
+    layer_digest: str,
+    compression: str,
+    dest: str | None,
+    expected_diff_id: str,
+) -> LayerOutcome:
+    """Hash a layer blob and, when `dest` is given, unpack it there and check its diffID.
+
+    Raises IntegrityError from the unpacker on a diffID mismatch; the caller compares the
+    returned blob digest with the descriptor before committing anything.
+    """
+    reader = HashingReader(source)
+    diff_id: Digest | None = None
+    size = 0
+    if dest is not None:
+        result = unpack_layer(
+            reader,  # type: ignore[arg-type]
+            compression,
+            dest,
+            layer_digest=layer_digest,
+            expected_diff_id=expected_diff_id,
+        )
+        diff_id = result.diff_id
+        size = result.size
+    reader.drain()
+    return LayerOutcome(Digest.from_hash(reader.hasher), diff_id, size)

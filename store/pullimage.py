@@ -1,0 +1,119 @@
+"""`lstore pull` end to end: resolve the reference, pull missing layers, commit the image.
+
+The event loop is uvloop when installed. Pulls hold the gc lock shared for their whole run, so
+`gc` never removes content between a layer's commit and the image record's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from lstore.errors import IntegrityError
+from lstore.store import locks
+from lstore.store.digest import Digest
+from lstore.store.images import GC_LOCK, ImageRecord
+from lstore.store.pull import Puller, PullProgress
+from lstore.store.reference import Reference, parse_reference
+
+log = logging.getLogger(__name__)
+
+
+def run_pull(store: Any, text: str, **options: Any) -> str:
+    """Pull `text` into `store` and return the name under which the image was recorded."""
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: the default loop works, only slower
+        return asyncio.run(pull_image(store, text, **options))
+    return uvloop.run(pull_image(store, text, **options))
+
+
+async def pull_image(
+    store: Any,
+    text: str,
+    *,
+    platform: str | None = None,
+    settings: Any = None,
+    progress: PullProgress | None = None,
+    layer_concurrency: int | None = None,
+) -> str:
+    """Pull one image; on any error nothing new is recorded except verified content."""
+    from lstore.store.platform import host_platform, parse_platform
+    from lstore.store.registry.client import RegistryClient, RegistrySettings
+
+    ref = parse_reference(text)
+    wanted = parse_platform(platform) if platform else host_platform()
+    settings = settings or RegistrySettings.from_environment()
+    progress = progress or PullProgress()
+
+    async with locks.hold_async(store.locks_dir, GC_LOCK, shared=True):
+        store.snapshots.cleanup_orphans(include_numbered=False)
+        async with RegistryClient(settings) as client:
+            resolved = await client.resolve(ref, wanted)
+            record = _image_record(ref, resolved)
+            _store_small_blobs(store, resolved)
+            await _pull_layers(store, client, ref, resolved, progress, layer_concurrency)
+        store.record_image(record)
+    log.info("pulled %s (%s)", record.name, record.digest)
+    return record.name
+
+
+async def _pull_layers(
+    store: Any,
+    client: Any,
+    ref: Reference,
+    resolved: Any,
+    progress: PullProgress,
+    layer_concurrency: int | None,
+) -> None:
+    extra = {} if layer_concurrency is None else {"layer_concurrency": layer_concurrency}
+    puller = Puller(
+        client, store.content, store.snapshots, store.locks_dir, progress=progress, **extra
+    )
+    try:
+        plans = puller.plan(resolved.manifest.layers, resolved.config.diff_ids)
+        await puller.pull_layers(ref, plans)
+    finally:
+        puller.close()
+
+
+def _image_record(ref: Reference, resolved: Any) -> ImageRecord:
+    layers = resolved.manifest.layers
+    diff_ids = [Digest(d) for d in resolved.config.diff_ids]
+    if len(layers) != len(diff_ids):
+        raise IntegrityError(
+            f"image {ref}: manifest {resolved.digest} lists {len(layers)} layers but its "
+            f"config lists {len(diff_ids)} diff_ids",
+            ref=str(ref),
+            digest=resolved.digest,
+        )
+    from lstore.store.digest import chain_ids
+
+    config_raw = resolved.config.raw if hasattr(resolved.config, "raw") else {}
+    return ImageRecord(
+        name=str(ref),
+        digest=resolved.digest,
+        media_type=resolved.media_type,
+        config_digest=resolved.manifest.config.digest,
+        index_digest=resolved.index_digest or "",
+        platform=str(resolved.platform) if getattr(resolved, "platform", None) else "",
+        layers=[
+            {"digest": d.digest, "size": d.size, "media_type": d.media_type} for d in layers
+        ],
+        diff_ids=diff_ids,
+        chain_ids=chain_ids(diff_ids),
+        created=config_raw.get("created", "") if isinstance(config_raw, dict) else "",
+        pulled=time.time(),
+    )
+
+
+def _store_small_blobs(store: Any, resolved: Any) -> None:
+    store.content.write(resolved.manifest_bytes, Digest(resolved.digest), resolved.media_type)
+    if resolved.index_digest:
+        store.content.write(
+            resolved.index_bytes, Digest(resolved.index_digest), resolved.index_media_type
+        )
+    config = resolved.manifest.config
+    store.content.write(resolved.config_bytes, Digest(config.digest), config.media_type)
