@@ -56,7 +56,7 @@ def run(
     try:
         done = subprocess.run(
             list(argv), env=env, cwd=cwd, timeout=timeout, text=True,
-            stdin=subprocess.DEVNULL, capture_output=True,
+            stdin=subprocess.DEVNULL, capture_output=True, check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise ToolError(f"{argv[0]} timed out after {timeout} s", output=_tail(exc)) from exc

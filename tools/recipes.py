@@ -22,9 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lstore.tools.layout import OciLayout, PlatformManifest
-from lstore.tools.rootfs import (apt_install_in_chroot, busybox_applets, changelog_paths,
-                                 child_paths, debootstrap, extract_deb, fetch_deb,
-                                 populate_busybox, whiteout_layer)
+from lstore.tools.rootfs import (
+    apt_install_in_chroot,
+    busybox_applets,
+    changelog_paths,
+    child_paths,
+    debootstrap,
+    extract_deb,
+    fetch_deb,
+    populate_busybox,
+    whiteout_layer,
+)
 
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -67,7 +67,7 @@ class RegistryProcess:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> "RegistryProcess":
+    def __enter__(self) -> RegistryProcess:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
