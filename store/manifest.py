@@ -351,9 +351,7 @@ def _parse_image_manifest(body: dict[str, Any], media_type: str, context: _Conte
     subject = None
     if body.get("subject") is not None:
         subject = _parse_descriptor(body["subject"], "subject", context)
-    return Manifest(
-        media_type, config, layers, _annotations(body, "annotations", context), subject
-    )
+    return Manifest(media_type, config, layers, _annotations(body, "annotations", context), subject)
 
 
 def _parse_descriptor(value: object, where: str, context: _Context) -> Descriptor:

@@ -123,9 +123,7 @@ def parse_reference(text: str) -> Reference:
 
 
 def _fail(text: str, reason: str) -> NoReturn:
-    raise InvalidReferenceError(
-        f"invalid reference {text!r}: {reason}; {_EXPECTED_FORM}", ref=text
-    )
+    raise InvalidReferenceError(f"invalid reference {text!r}: {reason}; {_EXPECTED_FORM}", ref=text)
 
 
 def _split_digest(text: str) -> tuple[str, Digest | None]:
@@ -155,9 +153,7 @@ def _split_tag(text: str, name: str) -> tuple[str, str | None]:
 
 def _split_registry(name: str) -> tuple[str, str]:
     first, separator, rest = name.partition("/")
-    is_registry = (
-        "." in first or ":" in first or first == "localhost" or first != first.lower()
-    )
+    is_registry = "." in first or ":" in first or first == "localhost" or first != first.lower()
     if not separator or not is_registry:
         registry, repository = DOCKER_HUB, name
     else:

@@ -225,9 +225,7 @@ def test_validate_image_manifest_rejects_artifacts():
 
 
 def test_validate_image_manifest_accepts_images():
-    body = manifest_body(
-        OCI_MANIFEST, config=blob(1, OCI_CONFIG), layers=[blob(2, OCI_LAYER_ZSTD)]
-    )
+    body = manifest_body(OCI_MANIFEST, config=blob(1, OCI_CONFIG), layers=[blob(2, OCI_LAYER_ZSTD)])
 
     validate_image_manifest(parse_manifest(encode(body)), ref=REF)
 

@@ -30,9 +30,7 @@ ARM_V5 = entry(2, {"os": "linux", "architecture": "arm", "variant": "v5"})
 ARM_V7 = entry(3, {"os": "linux", "architecture": "arm", "variant": "v7"})
 ARM64 = entry(4, {"os": "linux", "architecture": "arm64"})
 ARM_V6 = entry(5, {"os": "linux", "architecture": "arm", "variant": "v6"})
-WINDOWS = entry(
-    6, {"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"}
-)
+WINDOWS = entry(6, {"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"})
 ATTESTATION = entry(
     7,
     {"os": "unknown", "architecture": "unknown"},
@@ -109,8 +107,9 @@ def test_select_manifest_skips_unknown_platform_without_annotation():
 def test_select_manifest_takes_entry_without_platform_last():
     unlabelled = entry(9, None)
 
-    assert select_manifest(make_index(unlabelled, AMD64), parse_platform("linux/amd64")) == (
-        make_index(AMD64)[0]
+    assert (
+        select_manifest(make_index(unlabelled, AMD64), parse_platform("linux/amd64"))
+        == (make_index(AMD64)[0])
     )
     chosen = select_manifest(make_index(unlabelled, ARM64), parse_platform("linux/amd64"))
     assert chosen.digest == f"sha256:{9:064x}"

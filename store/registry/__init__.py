@@ -1,0 +1,1 @@
+"""The registry client and its parts: auth, credentials, retry, errors and blob ranges."""
