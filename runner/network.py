@@ -12,6 +12,10 @@ transaction that reserves the address. detach() removes what the record lists, s
 after a crash at any point of attach(), and it may run any number of times.
 
 Only this module imports pyroute2 (netlink), so other commands start without it.
+
+NOTE: bridges and rules belong to the host's network namespace, but the address records
+belong to one store root. Two store roots attaching containers on one host would both use
+lstore0 and could hand out the same address.
 """
 
 from __future__ import annotations

@@ -58,6 +58,15 @@ CASES = [
         False,
     ),
     (
+        "F5 host networking",
+        "host",
+        STUB,
+        UPSTREAM,
+        ["nameserver 127.0.0.53", "options edns0 trust-ad", "search corp.example"],
+        ["nameserver 198.18.53.2", "nameserver 198.18.53.3"],
+        False,
+    ),
+    (
         "none mode drops loopback",
         "none",
         "nameserver 127.0.0.1\nnameserver 198.18.53.9\n",
