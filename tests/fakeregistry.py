@@ -34,9 +34,17 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 HONOUR_RANGE = "honour"  # 206 with the requested bytes and Accept-Ranges: bytes
 IGNORE_RANGE = "ignore"  # 200 with the whole body, no Accept-Ranges
 REJECT_OPEN_RANGE = "416-open"  # 416 for "bytes=N-", closed ranges honoured (some S3 setups)
+REJECT_RANGE = "416-all"  # 416 for every Range header
 LYING_RANGE = "lie"  # 206 with the whole body and a Content-Range of 0-(size-1)
 NO_ACCEPT_RANGES = "no-accept-ranges"  # honours Range but never advertises it
-RANGE_MODES = (HONOUR_RANGE, IGNORE_RANGE, REJECT_OPEN_RANGE, LYING_RANGE, NO_ACCEPT_RANGES)
+RANGE_MODES = (
+    HONOUR_RANGE,
+    IGNORE_RANGE,
+    REJECT_OPEN_RANGE,
+    REJECT_RANGE,
+    LYING_RANGE,
+    NO_ACCEPT_RANGES,
+)
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
@@ -47,7 +55,7 @@ def sha256_digest(data: bytes) -> str:
 
 @dataclass
 class Scripted:
-    """One scripted response: status, headers and body."""
+    """One scripted response: status, headers and body. Status 0 serves the request normally."""
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
@@ -151,8 +159,8 @@ class _Server:
             )
         )
         queued = self.faults.get(request.path)
-        if queued:
-            scripted = queued.popleft()
+        scripted = queued.popleft() if queued else None
+        if scripted is not None and scripted.status != 0:
             return web.Response(
                 status=scripted.status, headers=scripted.headers, body=scripted.body
             )
@@ -335,7 +343,10 @@ class FakeRegistry(_Server):
         start = int(match.group(1))
         last = int(match.group(2)) if match.group(2) else size - 1
         open_ended = not match.group(2)
-        if start >= size or (open_ended and self.range_mode == REJECT_OPEN_RANGE):
+        rejected = self.range_mode == REJECT_RANGE or (
+            open_ended and self.range_mode == REJECT_OPEN_RANGE
+        )
+        if start >= size or rejected:
             return 416, {"Content-Range": f"bytes */{size}"}, 0, 0
         if self.range_mode == LYING_RANGE:
             headers["Content-Range"] = f"bytes 0-{size - 1}/{size}"
