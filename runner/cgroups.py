@@ -18,6 +18,7 @@ and Documentation/admin-guide/cgroup-v2.rst.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import logging
 import os
@@ -49,6 +50,7 @@ CONTAINER_SUBDIR = "lstore"
 # within milliseconds unless they sit in uninterruptible sleep (D state) on slow I/O.
 DESTROY_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.01
+MKDIR_ATTEMPTS = 5
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -254,18 +256,21 @@ def _make_dirs(
 
     `before_mkdir(parent)` runs before each level is created, with the parent directory.
     """
-    created = []
-    current = own_directory
-    for part in posixpath.relpath(directory, own_directory).split("/"):
-        if before_mkdir is not None:
-            before_mkdir(current)
-        current = posixpath.join(current, part)
+    created: list[str] = []
+    for _attempt in range(MKDIR_ATTEMPTS):
+        current = own_directory
         try:
-            os.mkdir(current)
-        except FileExistsError:
-            continue
-        created.append(current)
-    return created
+            for part in posixpath.relpath(directory, own_directory).split("/"):
+                if before_mkdir is not None:
+                    before_mkdir(current)
+                current = posixpath.join(current, part)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(current)
+                    created.append(current)
+            return created
+        except FileNotFoundError:
+            continue  # a concurrent destroy() removed an empty parent: start again
+    raise ContainerError(f"failed to create cgroup {directory}: parents keep vanishing")
 
 
 # ---------------------------------------------------------------------------- files
@@ -446,14 +451,17 @@ def _v2_files(resources: dict[str, Any], has_swap: bool) -> list[tuple[str, str]
 class Cgroup:
     """A container cgroup on every hierarchy of a layout.
 
-    `directories` maps each controller to its directory; `created` lists the directories
-    create() made, parents first, so destroy() can remove them leaf first.
+    `directories` maps each controller to its directory. `created` lists the directories
+    create() made, parents first. `parents` lists the directories between the caller's
+    cgroup and the container's that lstore chose itself (the default `lstore` parent and
+    its ancestors mirrored from other hierarchies), which destroy() removes once empty.
     """
 
     version: int
     spec_path: str
     directories: dict[str, str]
     created: list[str] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -461,6 +469,7 @@ class Cgroup:
             "spec_path": self.spec_path,
             "directories": dict(self.directories),
             "created": list(self.created),
+            "parents": list(self.parents),
         }
 
     def _unique_dirs(self) -> list[str]:
@@ -503,8 +512,9 @@ class Cgroup:
             _remove_dir(directory, leaf=directory in self.directories.values())
 
     def _removal_order(self) -> list[str]:
+        # Parents another container still uses fail rmdir with EBUSY and are kept.
         leaves = self._unique_dirs()
-        parents = [d for d in self.created if d not in leaves]
+        parents = sorted(set(self.created + self.parents) - set(leaves), key=len)
         return parents + leaves
 
     def _kill_all(self) -> None:
@@ -733,7 +743,7 @@ def create(
     cgroup = cgroup_class(layout.version, path, {})
 
     try:
-        _create_dirs(cgroup, layout, path)
+        _create_dirs(cgroup, layout, path, own_parent=parent is None)
         cgroup.apply(resources or {})
     except BaseException:
         _remove_created(cgroup)
@@ -752,11 +762,23 @@ def _remove_created(cgroup: Cgroup) -> None:
             log.warning("failed to remove cgroup %s after a failed create: %s", directory, exc)
 
 
-def _create_dirs(cgroup: Cgroup, layout: Layout, path: str) -> None:
+def _between(ancestor: str, leaf: str) -> list[str]:
+    parents = []
+    current = posixpath.dirname(leaf)
+    while current != ancestor and _inside(current, ancestor):
+        parents.append(current)
+        current = posixpath.dirname(current)
+    return parents
+
+
+def _create_dirs(cgroup: Cgroup, layout: Layout, path: str, own_parent: bool) -> None:
     for hierarchy in layout.unique():
         hook = _v2_delegation(hierarchy) if layout.version == 2 else None
         own_directory = hierarchy.directory(hierarchy.own)
-        cgroup.created.extend(_make_dirs(hierarchy.directory(path), own_directory, hook))
+        leaf = hierarchy.directory(path)
+        cgroup.created.extend(_make_dirs(leaf, own_directory, hook))
+        if own_parent:
+            cgroup.parents.extend(_between(own_directory, leaf))
     for controller, hierarchy in layout.hierarchies.items():
         cgroup.directories[controller] = hierarchy.directory(path)
 
@@ -769,4 +791,5 @@ def open(record: dict[str, Any]) -> Cgroup:
         record["spec_path"],
         dict(record["directories"]),
         list(record.get("created", [])),
+        list(record.get("parents", [])),
     )

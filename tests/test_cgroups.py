@@ -486,3 +486,22 @@ def test_spec_path_is_inside_own_cgroup(make_cgroup, real_layout: Layout) -> Non
         assert cgroup.spec_path.startswith(hierarchy.own.rstrip("/") + "/"), controller
         assert cgroup.directories[controller] == hierarchy.directory(cgroup.spec_path)
         assert os.path.isdir(cgroup.directories[controller])
+
+
+@pytest.mark.root
+def test_shared_parent_removed_by_last_destroy(make_cgroup, real_layout: Layout) -> None:
+    first = make_cgroup({})
+    second = make_cgroup({})
+    memory = real_layout.hierarchies["memory"]
+    shared = memory.directory(memory.own.rstrip("/") + "/lstore")
+
+    first.destroy()
+    assert os.path.isdir(shared)
+    second.destroy()
+
+    assert not os.path.exists(shared)
+    # Ancestors above this process's own memory path may be shared with other processes.
+    own_mirrors = [d for d in first.parents + second.parents if memory.own in d]
+    assert own_mirrors
+    for directory in own_mirrors:
+        assert not os.path.exists(directory)
