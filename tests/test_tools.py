@@ -21,7 +21,8 @@ import zstandard
 from conftest import SeededRegistry
 from lstore.store import digest as mt
 from lstore.store.digest import Digest
-from lstore.tools.command import ToolError
+from lstore.tools import rootfs
+from lstore.tools.command import ToolError, run
 from lstore.tools.images import ensure_layout
 from lstore.tools.recipes import NGINX_INDEX_HTML, Recipe
 from lstore.tools.registry import start_registry
@@ -283,6 +284,68 @@ def test_failed_build_leaves_nothing(tmp_path: str) -> None:
 def _build_fails(work: str, cache_dir: str) -> None:
     os.makedirs(os.path.join(work, "layout", "blobs"))
     raise ToolError("recipe step failed")
+
+
+# External commands and apt sources.
+
+def test_missing_tool_names_setup_script() -> None:
+    with pytest.raises(ToolError, match="'no-such-program' not found: run tools/setup.sh"):
+        run(["no-such-program", "--version"])
+
+
+def test_failed_command_keeps_output() -> None:
+    with pytest.raises(ToolError) as error:
+        run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"])
+
+    assert "exit code 3" in error.value.message
+    assert "to-stdout" in error.value.output
+    assert "to-stderr" in error.value.output
+
+
+DEB822_SOURCES = """Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb-src
+URIs: http://mirror.example/source
+Suites: bookworm
+Components: main
+
+Types: deb
+# a comment line
+URIs: http://mirror.example/debian/
+Suites: bookworm bookworm-updates
+Components: main contrib
+"""
+
+MIRROR_CASES = [
+    ("debian.sources", DEB822_SOURCES, "http://mirror.example/debian"),
+    ("debian.list", "deb [arch=amd64] http://mirror.example/one bookworm main\n",
+     "http://mirror.example/one"),
+    ("debian.list", "# deb http://off.example/ bookworm main\n"
+                    "deb http://mirror.example/two bookworm contrib main\n",
+     "http://mirror.example/two"),
+]
+
+
+@pytest.mark.parametrize("file_name, content, mirror", MIRROR_CASES)
+def test_debian_mirror_from_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: str,
+                                    file_name: str, content: str, mirror: str) -> None:
+    with open(os.path.join(tmp_path, file_name), "w") as sources:
+        sources.write(content)
+    monkeypatch.setattr(rootfs, "_SOURCES_DIR", str(tmp_path))
+    monkeypatch.setattr(rootfs, "_SOURCES_LIST", os.path.join(tmp_path, "absent"))
+
+    assert rootfs.debian_mirror() == mirror
+
+
+def test_debian_mirror_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: str) -> None:
+    monkeypatch.setattr(rootfs, "_SOURCES_DIR", str(tmp_path))
+    monkeypatch.setattr(rootfs, "_SOURCES_LIST", os.path.join(tmp_path, "absent"))
+
+    with pytest.raises(ToolError, match="no apt source for 'bookworm main'"):
+        rootfs.debian_mirror()
 
 
 # Whiteout layers.
