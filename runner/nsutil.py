@@ -3,7 +3,7 @@
 Python 3.11 has no os.unshare, os.setns, mount or pivot_root, so these call libc or, for
 calls that glibc does not wrap, syscall(2) with the number for this architecture. Every
 wrapper raises OSError with the errno and the path or name involved; callers wrap it in an
-lstore error that says what was being set up.
+lstore error that names the setup step.
 
 Also here: the pure translation of OCI mount options into mount(2) flags, and a resolver
 that joins a path to a root directory without following a symlink out of it.
@@ -99,11 +99,13 @@ def _bytes(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     """Call mount(2); raise OSError naming the target on failure."""
-    result = _libc.mount(_bytes(source), _bytes(target), _bytes(fstype),
-                         ctypes.c_ulong(flags), _bytes(data))
+    result = _libc.mount(
+        _bytes(source), _bytes(target), _bytes(fstype), ctypes.c_ulong(flags), _bytes(data)
+    )
     check(result, f"mount {fstype or source} on {target}", target)
 
 
@@ -141,8 +143,12 @@ def set_cloexec_from(first_fd: int) -> None:
     Uses close_range(2) with CLOSE_RANGE_CLOEXEC (Linux 5.11).
     """
     close_range_cloexec = 1 << 2
-    result = _libc.syscall(ctypes.c_long(SYS_CLOSE_RANGE), ctypes.c_uint(first_fd),
-                           ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(close_range_cloexec))
+    result = _libc.syscall(
+        ctypes.c_long(SYS_CLOSE_RANGE),
+        ctypes.c_uint(first_fd),
+        ctypes.c_uint(0xFFFFFFFF),
+        ctypes.c_uint(close_range_cloexec),
+    )
     check(result, "close_range")
 
 
@@ -159,9 +165,14 @@ def clone_sibling() -> int:
     number = syscall_number("clone")
     sigchld = 17
     clone = ctypes.PyDLL(None, use_errno=True).syscall
-    pid = clone(ctypes.c_long(number), ctypes.c_ulong(CLONE_PARENT | sigchld),
-                ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0),
-                ctypes.c_void_p(0))
+    pid = clone(
+        ctypes.c_long(number),
+        ctypes.c_ulong(CLONE_PARENT | sigchld),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+    )
     check(pid, "clone")
     if pid == 0:
         # Let the interpreter know that it is now a forked child, as os.fork() does.

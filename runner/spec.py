@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import resource
 import stat
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,16 +25,35 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # docker's default capabilities for a container that is not --privileged.
 DEFAULT_CAPABILITIES = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ]
 
 # Kernel interfaces that leak host information or allow host changes. docker hides them.
 MASKED_PATHS = [
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-    "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
@@ -43,8 +63,10 @@ DEFAULT_DEVICE_RULES: list[dict[str, Any]] = [
     {"allow": False, "access": "rwm"},
     {"allow": True, "type": "c", "access": "m"},
     {"allow": True, "type": "b", "access": "m"},
-    *({"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
-      for major, minor in ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2))),
+    *(
+        {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+        for major, minor in ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2))
+    ),
     {"allow": True, "type": "c", "major": 136, "access": "rwm"},  # /dev/pts/*
 ]
 
@@ -56,7 +78,7 @@ NETNS_SYSCTLS = {
 }
 
 # docker's RLIMIT_NOFILE under systemd (LimitNOFILE=infinity gives fs.nr_open, 1048576).
-DEFAULT_NOFILE = 1048576
+MAX_NOFILE = 1048576
 
 # Subordinate id range that container root maps to with --userns: uid 0 in the container is
 # uid 100000 on the host, and 65536 ids are mapped.
@@ -65,28 +87,43 @@ DEFAULT_USERNS_RANGE = (100000, 65536)
 
 def default_mounts() -> list[dict[str, Any]]:
     """Return the mounts every container gets, in mount order (docker's defaults)."""
+
     def mount(destination: str, fstype: str, source: str, options: list[str]) -> dict:
-        return {"destination": destination, "type": fstype, "source": source,
-                "options": options}
+        return {"destination": destination, "type": fstype, "source": source, "options": options}
 
     return [
         mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
         mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
-        mount("/dev/pts", "devpts", "devpts",
-              ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        ),
         mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
-        mount("/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "relatime",
-                                                      "ro"]),
+        mount(
+            "/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "relatime", "ro"]
+        ),
         mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
-        mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777",
-                                           "size=65536k"]),
+        mount(
+            "/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+        ),
     ]
 
 
-def build_spec(image_config: dict[str, Any], opts: RunOptions, *, rootfs: str, hostname: str,
-               mounts: list[dict[str, Any]], netns_path: str | None, cgroups_path: str,
-               resources: dict[str, Any], layer_dirs: list[str] | None = None,
-               userns_range: tuple[int, int] = DEFAULT_USERNS_RANGE) -> dict[str, Any]:
+def build_spec(
+    image_config: dict[str, Any],
+    opts: RunOptions,
+    *,
+    rootfs: str,
+    hostname: str,
+    mounts: list[dict[str, Any]],
+    netns_path: str | None,
+    cgroups_path: str,
+    resources: dict[str, Any],
+    layer_dirs: list[str] | None = None,
+    userns_range: tuple[int, int] = DEFAULT_USERNS_RANGE,
+) -> dict[str, Any]:
     """Return the OCI config.json (as a dict) for one container.
 
     `image_config` is the full OCI image config JSON, `rootfs` the value of root.path and
@@ -107,8 +144,12 @@ def build_spec(image_config: dict[str, Any], opts: RunOptions, *, rootfs: str, h
     }
 
 
-def _process(config: dict[str, Any], opts: RunOptions, hostname: str,
-             user: ExecUser) -> dict[str, Any]:
+def _process(
+    config: dict[str, Any], opts: RunOptions, hostname: str, user: ExecUser
+) -> dict[str, Any]:
+    # Raising the hard limit needs CAP_SYS_RESOURCE, which lstore itself may lack, so the
+    # container gets lstore's own hard limit, up to docker's value.
+    nofile = min(MAX_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     process_user: dict[str, Any] = {"uid": user.uid, "gid": user.gid}
     if user.additional_gids:
         process_user["additionalGids"] = user.additional_gids
@@ -118,9 +159,10 @@ def _process(config: dict[str, Any], opts: RunOptions, hostname: str,
         "args": command_args(config, opts),
         "env": environment(config, opts, hostname, user.home),
         "cwd": working_dir(config, opts),
-        "capabilities": {key: list(DEFAULT_CAPABILITIES)
-                         for key in ("bounding", "effective", "permitted")},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": DEFAULT_NOFILE, "soft": DEFAULT_NOFILE}],
+        "capabilities": {
+            key: list(DEFAULT_CAPABILITIES) for key in ("bounding", "effective", "permitted")
+        },
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         "noNewPrivileges": True,
     }
 
@@ -143,12 +185,13 @@ def command_args(config: dict[str, Any], opts: RunOptions) -> list[str]:
     if not args:
         raise InvalidArgumentError(
             f"no command specified for image {opts.image}: the image has no Entrypoint or "
-            "Cmd, so give a command after the image name", ref=opts.image or None)
+            "Cmd, so give a command after the image name",
+            ref=opts.image or None,
+        )
     return args
 
 
-def environment(config: dict[str, Any], opts: RunOptions, hostname: str,
-                home: str) -> list[str]:
+def environment(config: dict[str, Any], opts: RunOptions, hostname: str, home: str) -> list[str]:
     """Merge the environment as docker does; a later entry for a name replaces an earlier one.
 
     Order: PATH default, HOSTNAME, TERM=xterm with a tty, the image's Env, --env-file lines,
@@ -201,8 +244,8 @@ def read_env_file(path: str) -> list[str]:
             continue
         if stripped.startswith("="):
             raise InvalidArgumentError(
-                f"invalid line {number} in env file {path}: the variable name is empty",
-                path=path)
+                f"invalid line {number} in env file {path}: the variable name is empty", path=path
+            )
         entries.append(stripped)
     return entries
 
@@ -213,7 +256,8 @@ def working_dir(config: dict[str, Any], opts: RunOptions) -> str:
     if opts.workdir:
         if not opts.workdir.startswith("/"):
             raise InvalidArgumentError(
-                f"invalid working directory {opts.workdir!r}: it must be an absolute path")
+                f"invalid working directory {opts.workdir!r}: it must be an absolute path"
+            )
         return posixpath.normpath(opts.workdir)
     image_dir = config.get("WorkingDir") or "/"
     return posixpath.normpath(posixpath.join("/", image_dir))
@@ -227,8 +271,13 @@ def _mounts(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return defaults + ordered
 
 
-def _linux(opts: RunOptions, netns_path: str | None, cgroups_path: str,
-           resources: dict[str, Any], userns_range: tuple[int, int]) -> dict[str, Any]:
+def _linux(
+    opts: RunOptions,
+    netns_path: str | None,
+    cgroups_path: str,
+    resources: dict[str, Any],
+    userns_range: tuple[int, int],
+) -> dict[str, Any]:
     linux: dict[str, Any] = {
         "namespaces": _namespaces(opts, netns_path),
         "resources": {"devices": list(DEFAULT_DEVICE_RULES), **resources},
@@ -238,6 +287,9 @@ def _linux(opts: RunOptions, netns_path: str | None, cgroups_path: str,
     }
     if opts.network != "host":
         linux["sysctl"] = dict(NETNS_SYSCTLS)
+        if opts.userns:
+            # The kernel accepts only groups mapped in the user namespace (EINVAL otherwise).
+            del linux["sysctl"]["net.ipv4.ping_group_range"]
     if opts.userns:
         host_id, size = userns_range
         mapping = [{"containerID": 0, "hostID": host_id, "size": size}]
@@ -285,7 +337,8 @@ def resolve_user(spec: str, root_dirs: list[str]) -> ExecUser:
     entry = _find_entry(passwd, user_part or "0")
     if entry is None and not _is_id(user_part or "0"):
         raise InvalidArgumentError(
-            f"unable to find user {user_part}: no matching entries in passwd file")
+            f"unable to find user {user_part}: no matching entries in passwd file"
+        )
 
     if entry is not None:
         name, uid, gid, home = entry[0], _id(entry[2]), _id(entry[3]), entry[5] or "/"
@@ -306,7 +359,8 @@ def _resolve_group(groups: list[list[str]], group_part: str) -> int:
     if _is_id(group_part):
         return _id(group_part)
     raise InvalidArgumentError(
-        f"unable to find group {group_part}: no matching entries in group file")
+        f"unable to find group {group_part}: no matching entries in group file"
+    )
 
 
 def _find_entry(entries: list[list[str]], name_or_id: str) -> list[str] | None:

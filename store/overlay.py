@@ -38,8 +38,9 @@ _AT_FDCWD = -100
 _MOUNT_DATA_MAX = os.sysconf("SC_PAGE_SIZE") - 1
 
 
-def overlay_options(lowerdirs: list[str], upperdir: str | None = None,
-                    workdir: str | None = None) -> list[str]:
+def overlay_options(
+    lowerdirs: list[str], upperdir: str | None = None, workdir: str | None = None
+) -> list[str]:
     """Return the overlay mount(2) options for layers given bottom first.
 
     Backslash, comma and colon in paths are escaped with a backslash, which overlayfs's
@@ -59,15 +60,22 @@ def _validate(lowerdirs: list[str], upperdir: str | None, workdir: str | None) -
     if (upperdir is None) != (workdir is None):
         raise InvalidArgumentError(
             f"an overlay mount needs both upperdir and workdir, got upperdir={upperdir!r} "
-            f"workdir={workdir!r}", path=upperdir or workdir)
+            f"workdir={workdir!r}",
+            path=upperdir or workdir,
+        )
 
 
 def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def mount_overlay(target: str, lowerdirs: list[str], upperdir: str | None = None,
-                  workdir: str | None = None, readonly: bool = False) -> None:
+def mount_overlay(
+    target: str,
+    lowerdirs: list[str],
+    upperdir: str | None = None,
+    workdir: str | None = None,
+    readonly: bool = False,
+) -> None:
     """Mount the layers `lowerdirs` (bottom first) as one overlay filesystem at `target`.
 
     A single lower directory without an upper one becomes a read-only bind mount, because
@@ -91,17 +99,18 @@ def _bind_readonly(source: str, target: str) -> None:
     try:
         nsutil.mount(source, target, None, nsutil.MS_BIND)
     except OSError as exc:
-        raise StoreError(f"cannot bind-mount {source} on {target}: {exc.strerror}",
-                         path=target) from exc
+        raise StoreError(
+            f"cannot bind-mount {source} on {target}: {exc.strerror}", path=target
+        ) from exc
 
     # A bind mount takes MS_RDONLY only in a second, remounting call.
     try:
-        nsutil.mount(None, target, None,
-                     nsutil.MS_REMOUNT | nsutil.MS_BIND | nsutil.MS_RDONLY)
+        nsutil.mount(None, target, None, nsutil.MS_REMOUNT | nsutil.MS_BIND | nsutil.MS_RDONLY)
     except OSError as exc:
         nsutil.umount(target, nsutil.MNT_DETACH)
-        raise StoreError(f"cannot make the bind mount at {target} read-only: {exc.strerror}",
-                         path=target) from exc
+        raise StoreError(
+            f"cannot make the bind mount at {target} read-only: {exc.strerror}", path=target
+        ) from exc
 
 
 class _LowerdirPlusUnsupported(Exception):
@@ -112,8 +121,9 @@ def _syscall(number: int, *args: object) -> int:
     return _libc.syscall(ctypes.c_long(number), *args)
 
 
-def _mount_with_fsconfig(target: str, lowerdirs: list[str], upperdir: str | None,
-                         workdir: str | None, readonly: bool) -> None:
+def _mount_with_fsconfig(
+    target: str, lowerdirs: list[str], upperdir: str | None, workdir: str | None, readonly: bool
+) -> None:
     fs_fd = _syscall(nsutil.SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
     if fs_fd == -1:
         if ctypes.get_errno() == errno.ENOSYS:
@@ -126,8 +136,9 @@ def _mount_with_fsconfig(target: str, lowerdirs: list[str], upperdir: str | None
         os.close(fs_fd)
 
 
-def _configure(fs_fd: int, target: str, lowerdirs: list[str], upperdir: str | None,
-               workdir: str | None) -> None:
+def _configure(
+    fs_fd: int, target: str, lowerdirs: list[str], upperdir: str | None, workdir: str | None
+) -> None:
     # "source" only names the mount in /proc/self/mountinfo, as mount(2)'s first argument.
     if _fsconfig(fs_fd, "source", "overlay") == -1:
         _raise_mount_error(target, "source", fs_fd)
@@ -142,28 +153,48 @@ def _configure(fs_fd: int, target: str, lowerdirs: list[str], upperdir: str | No
         if value is not None and _fsconfig(fs_fd, key, value) == -1:
             _raise_mount_error(target, f"{key} {value}", fs_fd)
 
-    result = _syscall(nsutil.SYS_FSCONFIG, ctypes.c_int(fs_fd),
-                      ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+    result = _syscall(
+        nsutil.SYS_FSCONFIG,
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(_FSCONFIG_CMD_CREATE),
+        None,
+        None,
+        ctypes.c_int(0),
+    )
     if result == -1:
         _raise_mount_error(target, "creating the overlay", fs_fd)
 
 
 def _fsconfig(fs_fd: int, key: str, value: str) -> int:
-    return _syscall(nsutil.SYS_FSCONFIG, ctypes.c_int(fs_fd),
-                    ctypes.c_uint(_FSCONFIG_SET_STRING), key.encode(), os.fsencode(value),
-                    ctypes.c_int(0))
+    return _syscall(
+        nsutil.SYS_FSCONFIG,
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(_FSCONFIG_SET_STRING),
+        key.encode(),
+        os.fsencode(value),
+        ctypes.c_int(0),
+    )
 
 
 def _attach(fs_fd: int, target: str, readonly: bool) -> None:
     attributes = _MOUNT_ATTR_RDONLY if readonly else 0
-    mount_fd = _syscall(nsutil.SYS_FSMOUNT, ctypes.c_int(fs_fd),
-                        ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(attributes))
+    mount_fd = _syscall(
+        nsutil.SYS_FSMOUNT,
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(_FSMOUNT_CLOEXEC),
+        ctypes.c_uint(attributes),
+    )
     if mount_fd == -1:
         _raise_mount_error(target, "fsmount", fs_fd)
     try:
-        result = _syscall(nsutil.SYS_MOVE_MOUNT, ctypes.c_int(mount_fd), b"",
-                          ctypes.c_int(_AT_FDCWD), os.fsencode(target),
-                          ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
+        result = _syscall(
+            nsutil.SYS_MOVE_MOUNT,
+            ctypes.c_int(mount_fd),
+            b"",
+            ctypes.c_int(_AT_FDCWD),
+            os.fsencode(target),
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+        )
         if result == -1:
             _raise_mount_error(target, "move_mount", -1)
     finally:
@@ -175,7 +206,8 @@ def _raise_mount_error(target: str, step: str, fs_fd: int) -> None:
     detail = _kernel_messages(fs_fd) if fs_fd >= 0 else ""
     message = f"cannot mount overlay at {target}: {step}: {os.strerror(code)}"
     raise StoreError(message + (f" ({detail})" if detail else ""), path=target) from OSError(
-        code, os.strerror(code), target)
+        code, os.strerror(code), target
+    )
 
 
 def _kernel_messages(fs_fd: int) -> str:
@@ -189,8 +221,13 @@ def _kernel_messages(fs_fd: int) -> str:
             return "; ".join(lines)
 
 
-def mount_overlay_classic(target: str, lowerdirs: list[str], upperdir: str | None = None,
-                          workdir: str | None = None, readonly: bool = False) -> None:
+def mount_overlay_classic(
+    target: str,
+    lowerdirs: list[str],
+    upperdir: str | None = None,
+    workdir: str | None = None,
+    readonly: bool = False,
+) -> None:
     """Mount an overlay with mount(2), as kernels before 6.8 require.
 
     When the options with absolute paths exceed one page, they are rewritten relative to
@@ -204,8 +241,9 @@ def mount_overlay_classic(target: str, lowerdirs: list[str], upperdir: str | Non
         try:
             nsutil.mount("overlay", target, "overlay", flags, data)
         except OSError as exc:
-            raise StoreError(f"cannot mount overlay at {target}: {exc.strerror}",
-                             path=target) from exc
+            raise StoreError(
+                f"cannot mount overlay at {target}: {exc.strerror}", path=target
+            ) from exc
         return
 
     parent = os.path.commonpath([*lowerdirs, *(d for d in (upperdir, workdir) if d)])
@@ -214,12 +252,15 @@ def mount_overlay_classic(target: str, lowerdirs: list[str], upperdir: str | Non
         raise StoreError(
             f"cannot mount {len(lowerdirs)} layers at {target}: the overlay options take "
             f"{len(data)} bytes even relative to {parent}, and mount(2) takes at most "
-            f"{_MOUNT_DATA_MAX}; this needs Linux 6.8 or later", path=target)
+            f"{_MOUNT_DATA_MAX}; this needs Linux 6.8 or later",
+            path=target,
+        )
     _mount_in_directory(parent, os.path.abspath(target), flags, data)
 
 
-def _relative_options(parent: str, lowerdirs: list[str], upperdir: str | None,
-                      workdir: str | None) -> list[str]:
+def _relative_options(
+    parent: str, lowerdirs: list[str], upperdir: str | None, workdir: str | None
+) -> list[str]:
     def relative(path: str | None) -> str | None:
         return None if path is None else os.path.relpath(path, parent)
 
@@ -243,8 +284,9 @@ def _mount_in_directory(directory: str, target: str, flags: int, data: str) -> N
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         reason = os.strerror(code) if code > 0 else f"mount helper killed by signal {-code}"
-        raise StoreError(f"cannot mount overlay at {target} from {directory}: {reason}",
-                         path=target)
+        raise StoreError(
+            f"cannot mount overlay at {target} from {directory}: {reason}", path=target
+        )
 
 
 def unmount(target: str) -> None:

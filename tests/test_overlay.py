@@ -19,8 +19,12 @@ LAYER_COUNT = 200
     [
         (["/s/1"], None, None, ["lowerdir=/s/1"]),
         (["/s/1", "/s/2", "/s/3"], None, None, ["lowerdir=/s/3:/s/2:/s/1"]),
-        (["/s/1", "/s/2"], "/c/upper", "/c/work",
-         ["lowerdir=/s/2:/s/1", "upperdir=/c/upper", "workdir=/c/work"]),
+        (
+            ["/s/1", "/s/2"],
+            "/c/upper",
+            "/c/work",
+            ["lowerdir=/s/2:/s/1", "upperdir=/c/upper", "workdir=/c/work"],
+        ),
         (["/s/a:b", "/s/c,d"], None, None, [r"lowerdir=/s/c\,d:/s/a\:b"]),
         ([r"/s/back\slash"], None, None, [r"lowerdir=/s/back\\slash"]),
     ],
@@ -178,4 +182,3 @@ def test_unmount_ignores_plain_directory(tmp_path, target):
     unmount(target)
 
     assert not _mounts_at(target)
-

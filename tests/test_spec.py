@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
 
@@ -47,8 +48,14 @@ def rootfs(tmp_path):
 
 def _spec(rootfs: str, opts: RunOptions, config: dict | None = None, **overrides) -> dict:
     image_config = {"config": config if config is not None else {"Cmd": ["sh"]}}
-    arguments = dict(rootfs=rootfs, hostname="c0ffee", mounts=[], netns_path=None,
-                     cgroups_path="/lstore/c0ffee", resources={})
+    arguments = dict(
+        rootfs=rootfs,
+        hostname="c0ffee",
+        mounts=[],
+        netns_path=None,
+        cgroups_path="/lstore/c0ffee",
+        resources={},
+    )
     arguments.update(overrides)
     return build_spec(image_config, opts, **arguments)
 
@@ -66,8 +73,7 @@ def _spec(rootfs: str, opts: RunOptions, config: dict | None = None, **overrides
         (["/init"], ["serve"], [""], ["ls"], ["ls"]),
     ],
 )
-def test_command_combines_like_docker(image_entrypoint, image_cmd, entrypoint, command,
-                                      expected):
+def test_command_combines_like_docker(image_entrypoint, image_cmd, entrypoint, command, expected):
     config = {"Entrypoint": image_entrypoint, "Cmd": image_cmd}
     opts = RunOptions(image="img", entrypoint=entrypoint, command=command)
 
@@ -91,13 +97,22 @@ def test_environment_order_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("FROM_CALLER", "caller")
     monkeypatch.delenv("ABSENT", raising=False)
     config = {"Env": ["PATH=/image/bin", "SHARED=image", "IMAGE_ONLY=x"]}
-    opts = RunOptions(env_files=[str(env_file)],
-                      env=["SHARED=flag", "FROM_CALLER", "ABSENT", "EMPTY="])
+    opts = RunOptions(
+        env_files=[str(env_file)], env=["SHARED=flag", "FROM_CALLER", "ABSENT", "EMPTY="]
+    )
 
     env = environment(config, opts, "c0ffee", "/root")
 
-    assert env == ["PATH=/image/bin", "HOSTNAME=c0ffee", "SHARED=flag", "IMAGE_ONLY=x",
-                   "FROM_FILE=1", "FROM_CALLER=caller", "EMPTY=", "HOME=/root"]
+    assert env == [
+        "PATH=/image/bin",
+        "HOSTNAME=c0ffee",
+        "SHARED=flag",
+        "IMAGE_ONLY=x",
+        "FROM_FILE=1",
+        "FROM_CALLER=caller",
+        "EMPTY=",
+        "HOME=/root",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -105,10 +120,13 @@ def test_environment_order_and_overrides(tmp_path, monkeypatch):
     [
         (False, [], [], ["PATH=" + DEFAULT_PATH, "HOSTNAME=h", "HOME=/home/x"]),
         (True, [], [], ["PATH=" + DEFAULT_PATH, "HOSTNAME=h", "TERM=xterm", "HOME=/home/x"]),
-        (True, [], ["TERM=dumb", "HOSTNAME=mine", "HOME=/tmp"],
-         ["PATH=" + DEFAULT_PATH, "HOSTNAME=mine", "TERM=dumb", "HOME=/tmp"]),
-        (False, ["A=b=c"], [], ["PATH=" + DEFAULT_PATH, "HOSTNAME=h", "A=b=c",
-                                "HOME=/home/x"]),
+        (
+            True,
+            [],
+            ["TERM=dumb", "HOSTNAME=mine", "HOME=/tmp"],
+            ["PATH=" + DEFAULT_PATH, "HOSTNAME=mine", "TERM=dumb", "HOME=/tmp"],
+        ),
+        (False, ["A=b=c"], [], ["PATH=" + DEFAULT_PATH, "HOSTNAME=h", "A=b=c", "HOME=/home/x"]),
     ],
 )
 def test_environment_defaults(tty, config_env, flags, expected):
@@ -145,8 +163,13 @@ def test_env_file_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("workdir", "image_dir", "expected"),
-    [(None, None, "/"), (None, "/app", "/app"), ("/data/", "/app", "/data"),
-     (None, "app", "/app"), ("/a/../b", None, "/b")],
+    [
+        (None, None, "/"),
+        (None, "/app", "/app"),
+        ("/data/", "/app", "/data"),
+        (None, "app", "/app"),
+        ("/a/../b", None, "/b"),
+    ],
 )
 def test_working_dir_table(workdir, image_dir, expected):
     config = {"WorkingDir": image_dir} if image_dir else {}
@@ -182,8 +205,11 @@ def test_user_resolution_table(rootfs, spec, expected):
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("bob", "unable to find user bob"), ("alice:nogroup", "unable to find group nogroup"),
-     ("99999999999", "unable to find user 99999999999")],
+    [
+        ("bob", "unable to find user bob"),
+        ("alice:nogroup", "unable to find group nogroup"),
+        ("99999999999", "unable to find user 99999999999"),
+    ],
 )
 def test_unknown_user_or_group_is_rejected(rootfs, spec, message):
     with pytest.raises(InvalidArgumentError) as info:
@@ -256,8 +282,8 @@ def test_spec_process_defaults(rootfs):
     assert process["noNewPrivileges"] is True
     assert process["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [10, 50]}
     assert "HOME=/home/alice" in process["env"]
-    assert process["rlimits"] == [{"type": "RLIMIT_NOFILE", "hard": 1048576,
-                                   "soft": 1048576}]
+    hard = min(1048576, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    assert process["rlimits"] == [{"type": "RLIMIT_NOFILE", "hard": hard, "soft": hard}]
     for kind in ("bounding", "effective", "permitted"):
         assert process["capabilities"][kind] == DEFAULT_CAPABILITIES
     assert "inheritable" not in process["capabilities"]
@@ -293,8 +319,15 @@ def test_spec_root_hostname_and_cgroup(rootfs):
 def test_spec_default_mounts(rootfs):
     mounts = {m["destination"]: m for m in _spec(rootfs, RunOptions())["mounts"]}
 
-    assert list(mounts) == ["/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup",
-                            "/dev/mqueue", "/dev/shm"]
+    assert list(mounts) == [
+        "/proc",
+        "/dev",
+        "/dev/pts",
+        "/sys",
+        "/sys/fs/cgroup",
+        "/dev/mqueue",
+        "/dev/shm",
+    ]
     assert mounts["/proc"]["type"] == "proc"
     assert "ro" in mounts["/sys"]["options"]
     assert "ro" in mounts["/sys/fs/cgroup"]["options"]
@@ -306,8 +339,7 @@ def test_spec_default_mounts(rootfs):
 def test_spec_given_mounts_replace_defaults_and_sort(rootfs):
     given = [
         {"destination": "/data/cache", "type": "tmpfs", "source": "tmpfs", "options": []},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs",
-         "options": ["size=1g"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs", "options": ["size=1g"]},
         {"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"]},
     ]
 
@@ -322,17 +354,49 @@ def test_spec_given_mounts_replace_defaults_and_sort(rootfs):
 @pytest.mark.parametrize(
     ("network", "netns_path", "userns", "expected"),
     [
-        ("bridge", "/run/netns/c1", False,
-         [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-          {"type": "network", "path": "/run/netns/c1"}]),
-        ("none", None, False,
-         [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-          {"type": "network"}]),
-        ("host", None, False,
-         [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]),
-        ("none", None, True,
-         [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-          {"type": "network"}, {"type": "user"}]),
+        (
+            "bridge",
+            "/run/netns/c1",
+            False,
+            [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network", "path": "/run/netns/c1"},
+            ],
+        ),
+        (
+            "none",
+            None,
+            False,
+            [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network"},
+            ],
+        ),
+        (
+            "host",
+            None,
+            False,
+            [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        ),
+        (
+            "none",
+            None,
+            True,
+            [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network"},
+                {"type": "user"},
+            ],
+        ),
     ],
 )
 def test_spec_namespaces_table(rootfs, network, netns_path, userns, expected):
@@ -363,6 +427,13 @@ def test_spec_sysctls_only_with_own_netns(rootfs):
     assert "sysctl" not in host["linux"]
 
 
+def test_spec_userns_skips_ping_group_range(rootfs):
+    sysctl = _spec(rootfs, RunOptions(network="none", userns=True))["linux"]["sysctl"]
+
+    assert "net.ipv4.ping_group_range" not in sysctl
+    assert sysctl["net.ipv4.ip_unprivileged_port_start"] == "0"
+
+
 def test_spec_resources_keep_given_and_default_devices(rootfs):
     resources = {"memory": {"limit": 64 << 20}, "pids": {"limit": 100}}
 
@@ -371,8 +442,9 @@ def test_spec_resources_keep_given_and_default_devices(rootfs):
     assert linux["resources"]["memory"] == {"limit": 64 << 20}
     assert linux["resources"]["pids"] == {"limit": 100}
     assert linux["resources"]["devices"][0] == {"allow": False, "access": "rwm"}
-    assert {"allow": True, "type": "c", "major": 1, "minor": 3,
-            "access": "rwm"} in linux["resources"]["devices"]
+    assert {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"} in linux[
+        "resources"
+    ]["devices"]
     assert resources == {"memory": {"limit": 64 << 20}, "pids": {"limit": 100}}
 
 
