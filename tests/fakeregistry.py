@@ -86,10 +86,12 @@ class TokenBook:
 
     def __init__(self) -> None:
         self.expiry: dict[str, float] = {}
+        self.issued: list[str] = []
 
     def issue(self, lifetime: float) -> str:
         token = secrets.token_hex(16)
         self.expiry[token] = time.monotonic() + lifetime
+        self.issued.append(token)
         return token
 
     def is_valid(self, token: str) -> bool:

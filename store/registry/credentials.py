@@ -62,7 +62,7 @@ class CredentialStore:
 
     @classmethod
     def load(cls, path: str | None = None) -> "CredentialStore":
-        """Read `path` (default: docker's config.json); a missing file means no credentials.
+        """Read `path` (default: docker's config.json). A missing file means no credentials.
 
         Raise InvalidArgumentError naming the file when it is not valid JSON or has an
         `auth` value that is not base64 of `user:password`.
@@ -105,7 +105,9 @@ class CredentialStore:
 
 
 def _read_auths(document: dict, path: str) -> dict[str, Credentials]:
-    auths = document.get("auths") or {}
+    auths = document.get("auths", {})
+    if auths is None:
+        return {}
     if not isinstance(auths, dict):
         raise InvalidArgumentError(f"docker config {path}: auths is not an object", path=path)
 
