@@ -233,8 +233,7 @@ def _mount(args: argparse.Namespace) -> int:
     image = _open_store(args).lookup_image(args.ref)
     target = os.path.abspath(args.dir)
     os.makedirs(target, exist_ok=True)
-    # overlay lists the uppermost lower directory first.
-    mount_overlay(target, list(reversed(image.layer_dirs)), readonly=True)
+    mount_overlay(target, image.layer_dirs, readonly=True)
     return 0
 
 
