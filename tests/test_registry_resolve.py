@@ -217,10 +217,10 @@ def test_resolve_verifies_config_size(tmp_path):
             registry.blobs[manifest["config"]["digest"]] += b" "
             await resolve(tmp_path, registry, "team/app:1")
 
-    with pytest.raises(RegistryError) as caught:
+    with pytest.raises(IntegrityError) as caught:
         asyncio.run(scenario())
 
-    assert "larger than" in str(caught.value)
+    assert "registry sent more than" in str(caught.value)
 
 
 def test_resolve_verifies_index_entry_size(tmp_path):

@@ -50,6 +50,7 @@ from lstore.store.registry.credentials import CredentialStore, default_config_pa
 from lstore.store.registry.errors import (
     MAX_ERROR_BODY,
     TEMPORARY_STATUSES,
+    ResponseTooLargeError,
     error_for_status,
     parse_error_body,
     redact_url,
@@ -133,6 +134,16 @@ class ResolvedImage:
     index_media_type: str | None = None
 
 
+@dataclass(frozen=True)
+class _Fetched:
+    """A manifest or index as received, with the platform of the index entry that led to it."""
+
+    digest: Digest
+    data: bytes
+    parsed: Manifest | Index
+    platform: Platform | None = None
+
+
 class RegistryClient:
     """An HTTP client for OCI distribution registries.
 
@@ -185,38 +196,28 @@ class RegistryClient:
         data, content_type = await self._get_manifest(ref, ref.tag_or_digest, ref.digest)
         digest = ref.digest or Digest.of_bytes(data)
         parsed = parse_manifest(data, content_type, ref=str(ref), digest=digest)
+        top = _Fetched(digest, data, parsed)
+        chosen = await self._follow_indexes(ref, top, platform)
+        manifest = chosen.parsed
+        assert isinstance(manifest, Manifest)  # _follow_indexes returns a manifest
 
-        top_index: tuple[Digest, bytes, str] | None = None
-        chosen_platform: Platform | None = None
-        for _ in range(MAX_INDEX_DEPTH):
-            if not isinstance(parsed, Index):
-                break
-            if top_index is None:
-                top_index = (digest, data, parsed.media_type)
-            entry = select_manifest(parsed.manifests, platform, ref=str(ref))
-            chosen_platform = entry.platform or chosen_platform
-            data, digest, parsed = await self._get_index_entry(ref, entry)
-        if isinstance(parsed, Index):
-            raise UnsupportedError(
-                f"{ref}: indexes nested more than {MAX_INDEX_DEPTH} deep", ref=str(ref)
-            )
-
-        validate_image_manifest(parsed, ref=str(ref))
-        config_bytes = await self.get_blob_bytes(ref, parsed.config, MAX_CONFIG_SIZE)
-        config = parse_image_config(config_bytes, ref=str(ref), digest=parsed.config.digest)
-        self._check_config(ref, digest, parsed, config, platform, top_index is None)
+        validate_image_manifest(manifest, ref=str(ref))
+        config_bytes = await self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE)
+        config = parse_image_config(config_bytes, ref=str(ref), digest=manifest.config.digest)
+        self._check_config(ref, chosen.digest, manifest, config, platform, chosen is top)
+        index = top if isinstance(top.parsed, Index) else None
         return ResolvedImage(
             ref=ref,
-            digest=digest,
-            media_type=parsed.media_type,
-            manifest=parsed,
-            manifest_bytes=data,
+            digest=chosen.digest,
+            media_type=manifest.media_type,
+            manifest=manifest,
+            manifest_bytes=chosen.data,
             config=config,
             config_bytes=config_bytes,
-            platform=chosen_platform or config.platform,
-            index_digest=top_index[0] if top_index else None,
-            index_bytes=top_index[1] if top_index else None,
-            index_media_type=top_index[2] if top_index else None,
+            platform=chosen.platform or config.platform,
+            index_digest=index.digest if index else None,
+            index_bytes=index.data if index else None,
+            index_media_type=index.parsed.media_type if index else None,
         )
 
     async def get_blob_bytes(
@@ -234,23 +235,19 @@ class RegistryClient:
                 ref=str(ref),
                 digest=descriptor.digest,
             )
-        data, _ = await self._get_small(
-            ref,
-            self.blob_path(ref, descriptor.digest),
-            accept=None,
-            limit=descriptor.size,
-            action=f"GET blob {descriptor.digest} of {ref}",
-            digest=descriptor.digest,
-        )
-        if len(data) != descriptor.size:
-            raise IntegrityError(
-                f"blob {descriptor.digest} of {ref}: registry sent {len(data)} bytes, "
-                f"expected {descriptor.size}",
-                expected=str(descriptor.size),
-                actual=str(len(data)),
-                ref=str(ref),
+        try:
+            data, _ = await self._get_small(
+                ref,
+                self.blob_path(ref, descriptor.digest),
+                accept=None,
+                limit=descriptor.size,
+                action=f"GET blob {descriptor.digest} of {ref}",
                 digest=descriptor.digest,
             )
+        except ResponseTooLargeError as error:
+            raise _size_mismatch(ref, descriptor, f"more than {descriptor.size}") from error
+        if len(data) != descriptor.size:
+            raise _size_mismatch(ref, descriptor, str(len(data)))
         verify_digest(data, descriptor.digest, ref=ref, what="blob")
         return data
 
@@ -296,6 +293,22 @@ class RegistryClient:
         if expected is not None:
             verify_digest(data, expected, ref=ref, what="manifest")
         return data, content_type
+
+    async def _follow_indexes(
+        self, ref: Reference, fetched: "_Fetched", platform: Platform
+    ) -> "_Fetched":
+        """Walk from an index to the manifest for `platform`; return a manifest unchanged."""
+        for _ in range(MAX_INDEX_DEPTH):
+            if not isinstance(fetched.parsed, Index):
+                return fetched
+            entry = select_manifest(fetched.parsed.manifests, platform, ref=str(ref))
+            data, digest, parsed = await self._get_index_entry(ref, entry)
+            fetched = _Fetched(digest, data, parsed, entry.platform or fetched.platform)
+        if isinstance(fetched.parsed, Index):
+            raise UnsupportedError(
+                f"{ref}: indexes nested more than {MAX_INDEX_DEPTH} deep", ref=str(ref)
+            )
+        return fetched
 
     async def _get_index_entry(
         self, ref: Reference, entry: Descriptor
@@ -388,7 +401,7 @@ class RegistryClient:
         401 challenges are handled. The caller must release the response.
         """
         registry_auth = self._registry_auth(ref) if authenticate else None
-        scope = f"repository:{ref.repository}:pull"
+        scope = _pull_scope(ref)
         failures = 0
         auth_rounds = 0
         while True:
@@ -404,14 +417,8 @@ class RegistryClient:
                 continue
 
             if response.status == 401 and registry_auth is not None:
-                body = await _read_error_body(response)
-                response.release()
-                challenges = parse_www_authenticate(response.headers.getall("WWW-Authenticate", ()))
-                retry = auth_rounds < _MAX_AUTH_ROUNDS and await registry_auth.handle_unauthorized(
-                    response.url, challenges, scope, sent
-                )
-                if not retry:
-                    raise self._unauthorized_error(ref, registry_auth, body, action)
+                may_retry = auth_rounds < _MAX_AUTH_ROUNDS
+                await self._answer_challenge(response, registry_auth, sent, may_retry, ref, action)
                 auth_rounds += 1
                 continue
 
@@ -421,6 +428,26 @@ class RegistryClient:
                 await asyncio.sleep(delay)
                 continue
             return response
+
+    async def _answer_challenge(
+        self,
+        response: aiohttp.ClientResponse,
+        registry_auth: RegistryAuth,
+        sent: str | None,
+        may_retry: bool,
+        ref: Reference,
+        action: str,
+    ) -> None:
+        """Prepare new auth after a 401, or raise AuthError when repeating cannot help."""
+        body = await _read_error_body(response)
+        response.release()
+        challenges = parse_www_authenticate(response.headers.getall("WWW-Authenticate", ()))
+        scope = _pull_scope(ref)
+        if may_retry and await registry_auth.handle_unauthorized(
+            response.url, challenges, scope, sent
+        ):
+            return
+        raise self._unauthorized_error(ref, registry_auth, body, action)
 
     async def status_error(
         self,
@@ -592,6 +619,11 @@ class RegistryClient:
         return AuthError(f"{action}: {advice}", status=401, codes=codes, ref=str(ref))
 
 
+def _pull_scope(ref: Reference) -> str:
+    # Token scope grammar of the distribution token spec: resource type, name, actions.
+    return f"repository:{ref.repository}:pull"
+
+
 def verify_digest(data: bytes, expected: Digest, *, ref: Reference, what: str) -> None:
     """Raise IntegrityError unless `data` hashes to `expected`."""
     hasher = expected.new_hash()
@@ -616,7 +648,7 @@ async def read_capped(
     ref: Reference,
     digest: str | None = None,
 ) -> bytes:
-    """Read a whole body, raising RegistryError as soon as it exceeds `limit` bytes."""
+    """Read a whole body, raising ResponseTooLargeError as soon as it exceeds `limit` bytes."""
     declared = response.content_length
     if declared is not None and declared > limit:
         raise _too_large(action, limit, ref, digest)
@@ -630,9 +662,22 @@ async def read_capped(
     return b"".join(chunks)
 
 
-def _too_large(action: str, limit: int, ref: Reference, digest: str | None) -> RegistryError:
-    return RegistryError(
+def _too_large(
+    action: str, limit: int, ref: Reference, digest: str | None
+) -> ResponseTooLargeError:
+    return ResponseTooLargeError(
         f"{action}: response is larger than the {limit} byte limit", ref=str(ref), digest=digest
+    )
+
+
+def _size_mismatch(ref: Reference, descriptor: Descriptor, sent: str) -> IntegrityError:
+    return IntegrityError(
+        f"blob {descriptor.digest} of {ref}: registry sent {sent} bytes where the descriptor "
+        f"says {descriptor.size}",
+        expected=str(descriptor.size),
+        actual=sent,
+        ref=str(ref),
+        digest=descriptor.digest,
     )
 
 

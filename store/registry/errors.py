@@ -24,6 +24,10 @@ class RegistryNotFoundError(RegistryError, NotFoundError):
     """A repository, manifest or blob that the registry reports as missing (HTTP 404)."""
 
 
+class ResponseTooLargeError(RegistryError):
+    """A response body longer than the limit for what was requested."""
+
+
 def redact_url(url: URL | str) -> str:
     """Return the URL without query, fragment or user info.
 
