@@ -462,3 +462,31 @@ def test_token_server_rejecting_credentials_raises(tmp_path):
 
     assert "rejected the credentials" in str(caught.value)
     assert caught.value.status == 401
+
+
+def test_concurrent_requests_share_one_token(tmp_path):
+    layers = [bytes([number]) * 1000 for number in range(6)]
+
+    async def scenario():
+        registry, tokens = await with_bearer_registry()
+        registry.add_image("team/many", "1", layers)
+        registry.use_bearer(tokens, challenge_for(tokens))
+        ref = parse_reference(f"{registry.address}/team/many:1")
+        try:
+            async with RegistryClient(registry_settings(tmp_path)) as client:
+                resolved = await client.resolve(ref)
+            # A new client meets the first challenge with all requests in flight at once.
+            async with RegistryClient(registry_settings(tmp_path)) as client:
+                blobs = await asyncio.gather(
+                    *(client.get_blob_bytes(ref, layer) for layer in resolved.manifest.layers)
+                )
+        finally:
+            await registry.close()
+            await tokens.close()
+        return tokens, blobs
+
+    tokens, blobs = run(scenario())
+
+    assert blobs == layers
+    # One token for each client, however many requests each one sent.
+    assert len(token_requests(tokens)) == 2
