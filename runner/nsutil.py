@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
 from dataclasses import dataclass
 
@@ -80,7 +79,7 @@ SYS_CLOSE_RANGE = 436
 
 def syscall_number(name: str) -> int:
     """Return the number of an architecture-specific system call on this machine."""
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return _SYSCALLS[machine][name]
     except KeyError:

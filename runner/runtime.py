@@ -24,11 +24,12 @@ import os
 import resource
 import signal
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lstore.errors import ContainerError, InvalidArgumentError
-from lstore.runner import capabilities, nsutil, rootfs
+from lstore.runner import capabilities, devices, nsutil, rootfs
 
 if TYPE_CHECKING:
     from lstore.runner.cgroups import Cgroup
@@ -77,24 +78,33 @@ def _exit_code(status: int) -> int:
 
 
 class ForkedProcess(ContainerProcess):
-    """A child of this process. Call wait() and poll() from one thread only."""
+    """A child of this process. Call wait() and poll() from one thread only.
 
-    def __init__(self, pid: int) -> None:
+    `on_exit` runs once, right after the process is reaped.
+    """
+
+    def __init__(self, pid: int, on_exit: Callable[[], None] | None = None) -> None:
         self.pid = pid
         self._code: int | None = None
+        self._on_exit = on_exit
 
     def wait(self) -> int:
         if self._code is None:
             _, status = os.waitpid(self.pid, 0)
-            self._code = _exit_code(status)
-        return self._code
+            self._reaped(status)
+        return self._code  # type: ignore[return-value]
 
     def poll(self) -> int | None:
         if self._code is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self._code = _exit_code(status)
+                self._reaped(status)
         return self._code
+
+    def _reaped(self, status: int) -> None:
+        self._code = _exit_code(status)
+        if self._on_exit is not None:
+            self._on_exit()
 
     def signal(self, sig: int) -> None:
         # Until it is reaped the pid cannot be reused, so this cannot hit another process.
@@ -157,9 +167,22 @@ def start(
         raise InvalidArgumentError(f"unknown runtime {runtime!r}: use 'builtin' or 'runc'")
 
     plan = _plan_start(spec, bundle_dir)
-    return _launch(
-        lambda channel: _setup_for_start(plan, stdio, channel), cgroup, plan.id_maps, container_id
+    linux = spec.get("linux") or {}
+    device_cgroup = devices.create(
+        linux.get("cgroupsPath") or "", (linux.get("resources") or {}).get("devices") or []
     )
+    try:
+        return _launch(
+            lambda channel: _setup_for_start(plan, stdio, channel),
+            [cgroup, device_cgroup],
+            plan.id_maps,
+            container_id,
+            on_exit=device_cgroup.remove if device_cgroup else None,
+        )
+    except BaseException:
+        if device_cgroup is not None:
+            device_cgroup.remove()
+        raise
 
 
 def exec_process(
@@ -180,7 +203,7 @@ def exec_process(
     stdio = (stdin, stdout, stderr)
     return _launch(
         lambda channel: _setup_for_exec(namespaces, process, stdio, channel),
-        cgroup,
+        [cgroup, devices.of_process(container_pid)],
         None,
         f"exec in {container_pid}",
     )
@@ -302,8 +325,14 @@ class _Channel:
 
 
 def _launch(
-    setup: Any, cgroup: Cgroup | None, id_maps: tuple[str, str] | None, label: str
+    setup: Any,
+    groups: list[Any],
+    id_maps: tuple[str, str] | None,
+    label: str,
+    on_exit: Callable[[], None] | None = None,
 ) -> ForkedProcess:
+    """Fork `setup`, put the process it starts into `groups` (objects with add(pid), None
+    skipped) before it execs, and return that process."""
     channel = _Channel()
     setup_pid = os.fork()
     if setup_pid == 0:
@@ -314,8 +343,9 @@ def _launch(
     try:
         with os.fdopen(channel.status_read, "rb", closefd=False) as status:
             child_pid = _handshake(status, channel, setup_pid, id_maps, label)
-            if cgroup is not None:
-                cgroup.add(child_pid)
+            for group in groups:
+                if group is not None:
+                    group.add(child_pid)
             channel.release_child()
             error = status.readline().decode(errors="replace").strip()
     except BaseException:
@@ -327,7 +357,7 @@ def _launch(
     if error:
         _kill_and_reap(child_pid)
         raise ContainerError(f"cannot start {label}: {error.removeprefix('error ')}")
-    return ForkedProcess(child_pid)
+    return ForkedProcess(child_pid, on_exit)
 
 
 def _handshake(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from lstore.errors import ContainerError
-from lstore.runner import cgroups, runtime
+from lstore.runner import cgroups, devices, runtime
 from lstore.runner.nsutil import MountOptions, parse_mount_options, resolve_in_root
 from lstore.runner.options import RunOptions
 from lstore.runner.spec import build_spec
@@ -441,6 +441,52 @@ def test_cgroup_is_joined_before_exec(bundle):
 
     assert len(memory) == 1
     assert memory[0].split(":", 2)[2] == cgroup.spec_path
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ({"allow": False, "access": "rwm"}, ("devices.deny", "a rwm")),
+        ({"allow": True, "type": "c", "access": "m"}, ("devices.allow", "c *:* m")),
+        (
+            {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+            ("devices.allow", "c 1:3 rwm"),
+        ),
+        (
+            {"allow": True, "type": "c", "major": 136, "access": "rw"},
+            ("devices.allow", "c 136:* rw"),
+        ),
+    ],
+)
+def test_device_rule_lines_table(rule, expected):
+    assert devices.rule_lines([rule]) == [expected]
+
+
+@pytest.mark.parametrize("runtime_name", RUNTIMES)
+def test_device_outside_allowlist_is_unusable(bundle, runtime_name):
+    # /dev/loop-control (10:237) opens for root on the host without capabilities, and
+    # neither docker's nor runc's allowlist includes it.
+    os.close(os.open("/dev/loop-control", os.O_RDWR))
+    script = (
+        "mknod /tmp/loop-control c 10 237 && (: <> /tmp/loop-control) && echo opened; "
+        "head -c 1 /dev/zero | wc -c"
+    )
+
+    result = sh(bundle, runtime_name, script)
+
+    assert "Operation not permitted" in result.err
+    assert result.out.split() == ["1"]
+
+
+def test_device_cgroup_removed_after_exit(bundle):
+    bundle.write_spec(RunOptions(command=["true"], network="none"))
+    directory = os.path.join("/sys/fs/cgroup/devices", bundle.cgroups_path.lstrip("/"))
+
+    process = bundle.start("builtin")
+    assert os.path.isdir(directory)
+    process.wait()
+
+    assert not os.path.exists(directory)
 
 
 @pytest.mark.parametrize("runtime_name", RUNTIMES)
