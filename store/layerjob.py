@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from lstore.errors import IntegrityError, UnsafeLayerError
 from lstore.store.digest import Digest
 from lstore.store.unpack import unpack_layer
 
@@ -70,14 +71,36 @@ def process_layer(
     diff_id: Digest | None = None
     size = 0
     if dest is not None:
-        result = unpack_layer(
-            reader,  # type: ignore[arg-type]
-            compression,
-            dest,
-            layer_digest=layer_digest,
-            expected_diff_id=expected_diff_id,
-        )
+        try:
+            result = unpack_layer(
+                reader,  # type: ignore[arg-type]
+                compression,
+                dest,
+                layer_digest=layer_digest,
+                expected_diff_id=expected_diff_id,
+            )
+        except (IntegrityError, UnsafeLayerError) as exc:
+            _raise_if_blob_corrupt(reader, layer_digest, exc)
+            raise
         diff_id = result.diff_id
         size = result.size
     reader.drain()
     return LayerOutcome(Digest.from_hash(reader.hasher), diff_id, size)
+
+
+def _raise_if_blob_corrupt(reader: HashingReader, layer_digest: str, cause: Exception) -> None:
+    # Bytes that do not match the blob digest explain any unpack failure, and the registry,
+    # not the image, is then at fault: report that instead of the diffID or tar error.
+    try:
+        reader.drain()
+    except OSError:
+        return
+    computed = Digest.from_hash(reader.hasher)
+    if computed != layer_digest:
+        raise IntegrityError(
+            f"blob {layer_digest} failed verification: registry sent content with digest "
+            f"{computed}; nothing was stored, retry the pull or check the registry",
+            digest=layer_digest,
+            expected=layer_digest,
+            actual=computed,
+        ) from cause

@@ -107,9 +107,12 @@ class Puller:
 
     async def pull_layers(self, ref: object, plans: list[LayerPlan]) -> None:
         """Fetch and unpack every layer that is missing; the first failure cancels the rest."""
-        async with asyncio.TaskGroup() as group:
-            for plan in plans:
-                group.create_task(self._pull_layer(ref, plan))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for plan in plans:
+                    group.create_task(self._pull_layer(ref, plan))
+        except BaseExceptionGroup as group_error:
+            raise _first_cause(group_error) from None
 
     async def _pull_layer(self, ref: object, plan: LayerPlan) -> None:
         digest = plan.descriptor.digest
@@ -199,6 +202,17 @@ class Puller:
                 expected_diff_id=plan.diff_id,
             ),
         )
+
+
+def _first_cause(group_error: BaseExceptionGroup) -> BaseException:
+    # Report the failure that started the cancellation, not the cancellations it caused.
+    errors = list(group_error.exceptions)
+    for error in errors:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_cause(error)
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    return errors[0]
 
 
 async def _settle(job: asyncio.Future) -> None:

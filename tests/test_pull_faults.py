@@ -1,0 +1,102 @@
+"""Pulls that fail part-way commit nothing, and the next pull recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+
+import pytest
+
+from lstore.errors import IntegrityError, LstoreError
+from lstore.store.pullimage import pull_image
+from lstore.store.store import Store
+from tests.fakeregistry import FakeRegistry, registry_settings
+
+
+def layer_tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def assert_nothing_committed(store: Store) -> None:
+    assert store.images() == []
+    assert store.snapshots.list() == []
+    with store.meta.read() as txn:
+        blobs = dict(txn.items("blobs"))
+    layer_blobs = [key for key, value in blobs.items() if "rootfs" in value["media_type"]]
+    assert layer_blobs == []
+    assert store.check().clean
+
+
+def test_blob_with_wrong_bytes_commits_nothing(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    good = layer_tar({"a": b"A" * 5000})
+    bad = layer_tar({"b": b"B" * 5000})
+
+    async def scenario() -> None:
+        async with FakeRegistry() as registry:
+            registry.add_image("team/app", "1", [layer_tar({"base": b"x"}), good])
+            # Serve other bytes under the second layer's digest.
+            digest = next(d for d, data in registry.blobs.items() if data == good)
+            registry.blobs[digest] = bad
+            ref = f"{registry.address}/team/app:1"
+            with pytest.raises(IntegrityError) as caught:
+                await pull_image(store, ref, settings=registry_settings(tmp_path))
+            assert digest in str(caught.value)
+
+    asyncio.run(scenario())
+
+    assert store.images() == []
+    assert all(
+        snapshot.diff_id != "" for snapshot in store.snapshots.list()
+    )  # only the verified base layer may have committed
+    assert store.check(verify_content=True).clean
+
+
+def test_missing_blob_commits_no_image(tmp_path):
+    store = Store(str(tmp_path / "root"))
+
+    async def scenario() -> None:
+        async with FakeRegistry() as registry:
+            registry.add_image("team/app", "1", [layer_tar({"a": b"a"})])
+            layer_digest = next(
+                d for d, data in registry.blobs.items() if data.startswith(b"a\0")
+            )
+            del registry.blobs[layer_digest]
+            ref = f"{registry.address}/team/app:1"
+            with pytest.raises(LstoreError) as caught:
+                await pull_image(store, ref, settings=registry_settings(tmp_path))
+            assert layer_digest in str(caught.value)
+
+    asyncio.run(scenario())
+
+    assert_nothing_committed(store)
+
+
+def test_interrupted_download_resumes(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    big = layer_tar({"big": bytes(range(256)) * 8192})
+
+    async def scenario() -> None:
+        async with FakeRegistry() as registry:
+            registry.add_image("team/app", "1", [big])
+            digest = next(d for d, data in registry.blobs.items() if data == big)
+            registry.drop_after[f"/v2/team/app/blobs/{digest}"] = 300_000
+            ref = f"{registry.address}/team/app:1"
+            await pull_image(store, ref, settings=registry_settings(tmp_path))
+            ranges = [
+                r.headers.get("Range") for r in registry.requests
+                if r.path.endswith(f"/blobs/{digest}")
+            ]
+            assert any(value and value.startswith("bytes=300000-") for value in ranges), ranges
+
+    asyncio.run(scenario())
+
+    assert len(store.images()) == 1
+    assert store.check(verify_content=True).clean

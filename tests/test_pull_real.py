@@ -1,0 +1,146 @@
+"""`lstore pull` against the real distribution registry, compared with umoci's unpack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from lstore.store.store import Store
+from tests.realimages import assert_same_tree, umoci_rootfs
+
+pytestmark = [pytest.mark.registry, pytest.mark.root]
+
+# ELF e_machine values (elf.h) of the busybox binaries in the multi-platform test image.
+EM_X86_64 = 62
+EM_AARCH64 = 183
+
+
+@contextmanager
+def mounted(lstore, ref: str, target: str) -> Iterator[str]:
+    os.makedirs(target, exist_ok=True)
+    lstore("mount", ref, target)
+    try:
+        yield target
+    finally:
+        lstore("umount", target)
+
+
+def pull_json(lstore, *args: str) -> dict:
+    done = lstore("pull", "--json", *args)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def elf_machine(path: str) -> int:
+    with open(path, "rb") as handle:
+        header = handle.read(20)
+    return int.from_bytes(header[18:20], "little")
+
+
+@pytest.mark.parametrize("tag", ["oci", "v2s2", "zstd"])
+def test_nginx_pull_matches_umoci(registry, oci_layouts, lstore, store_root, tmp_path, tag):
+    ref = registry.ref(f"debian-nginx:{tag}")
+
+    result = pull_json(lstore, ref)
+
+    assert result["layers"] >= 3
+    assert result["layers_fetched"] == result["layers"]
+    expected = umoci_rootfs(oci_layouts["debian-nginx"], "final", str(tmp_path / "umoci"))
+    with mounted(lstore, ref, str(tmp_path / "mnt")) as rootfs:
+        assert_same_tree(expected, rootfs)
+        with open(os.path.join(rootfs, "var/www/html/index.html")) as handle:
+            assert handle.read() == "lstore-ok\n"
+    assert lstore("check", "--content").returncode == 0
+
+
+def test_pull_by_digest(registry, lstore):
+    digest = registry.digests["debian-nginx:oci"]
+    ref = f"{registry.host}/debian-nginx@{digest}"
+
+    result = pull_json(lstore, ref)
+
+    assert result["digest"] == digest
+    assert result["name"] == ref
+
+
+def test_index_pull_picks_platform(registry, lstore, tmp_path):
+    ref = registry.ref("busybox:latest")
+
+    pull_json(lstore, "--platform", "linux/arm64", ref)
+    with mounted(lstore, ref, str(tmp_path / "arm64")) as rootfs:
+        assert elf_machine(os.path.join(rootfs, "bin/busybox")) == EM_AARCH64
+
+    pull_json(lstore, "--platform", "linux/amd64", ref)
+    with mounted(lstore, ref, str(tmp_path / "amd64")) as rootfs:
+        assert elf_machine(os.path.join(rootfs, "bin/busybox")) == EM_X86_64
+
+
+def test_index_pull_without_match_fails(registry, lstore):
+    done = lstore.fails("pull", "--platform", "linux/s390x", registry.ref("busybox:latest"))
+
+    assert "linux/s390x" in done.stderr
+    assert "linux/amd64" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_second_pull_fetches_nothing(registry, lstore):
+    ref = registry.ref("debian-nginx:oci")
+    first = pull_json(lstore, ref)
+
+    second = pull_json(lstore, ref)
+
+    assert first["bytes_fetched"] > 0
+    assert second["bytes_fetched"] == 0
+    assert second["layers_fetched"] == 0
+
+
+def test_shared_layers_are_fetched_once(registry, lstore):
+    pull_json(lstore, registry.ref("debian-nginx:oci"))
+
+    # The v2s2 tag has the same uncompressed layers but other blobs, so only blobs move;
+    # pulling the OCI tag again under another name moves nothing.
+    again = pull_json(lstore, f"{registry.host}/debian-nginx@{registry.digests['debian-nginx:oci']}")
+
+    assert again["bytes_fetched"] == 0
+
+
+def test_concurrent_pulls_fetch_each_blob_once(registry, store_root):
+    ref = registry.ref("debian-nginx:oci")
+    command = [sys.executable, "-m", "lstore.cli", "--root", store_root, "pull", "--json", ref]
+
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0]
+    results = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    image = Store(store_root).lookup_image(ref)
+    assert sum(result["bytes_fetched"] for result in results) == image.size
+    assert Store(store_root).check(verify_content=True).clean
+
+
+def test_rmi_and_gc_empty_the_store(registry, lstore):
+    ref = registry.ref("busybox:latest")
+    pull_json(lstore, ref)
+
+    lstore("rmi", ref)
+    lstore("gc")
+
+    usage = json.loads(lstore("df", "--json").stdout)
+    assert usage["images"] == 0
+    assert usage["blobs"] == 0
+    assert usage["snapshots"] == 0
+
+
+def test_unknown_tag_is_one_line_error(registry, lstore):
+    ref = registry.ref("busybox:no-such-tag")
+
+    done = lstore.fails("pull", ref)
+
+    assert ref in done.stderr or "no-such-tag" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
