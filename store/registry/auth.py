@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TOKEN_LIFETIME = 60.0
 # A token is renewed after this fraction of its lifetime, so it does not expire in flight.
 _RENEW_AFTER_FRACTION = 0.9
-# Token responses are small JSON documents; a larger body is not a token server.
+# Token responses are small JSON documents, so a larger body is not from a token server.
 MAX_TOKEN_RESPONSE = 1 << 20
 
-# Cloud metadata services live on link-local addresses; a realm there would leak credentials
+# Cloud metadata services live on link-local addresses. A realm there would leak credentials
 # or tokens to the host's metadata endpoint.
 _LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
 # Second-level labels under which anyone can register a domain (example.co.uk), so a parent
@@ -241,7 +241,7 @@ class RegistryAuth:
     async def handle_unauthorized(
         self, request_url: URL, challenges: list[Challenge], scope: str, sent: str | None
     ) -> bool:
-        """Learn from a 401; return True when the request should be repeated with new auth.
+        """Learn from a 401 and return True when the request should be repeated with new auth.
 
         `sent` is the Authorization value the rejected request carried. A bearer token is
         replaced only when the registry reports it as invalid (error="invalid_token"), because

@@ -346,8 +346,8 @@ class RegistryClient:
             )
         wrong_platform = (config.os, config.architecture) != (platform.os, platform.architecture)
         if direct and config.os and wrong_platform:
-            # Docker pulls such an image too and only warns: a tag without an index has one
-            # platform, and the user named it.
+            # A tag without an index has one platform. Docker pulls it when that differs from
+            # the host's and only warns, so lstore does the same.
             log.warning(
                 "image %s is for %s, not the requested platform %s",
                 ref,

@@ -1,7 +1,7 @@
 """Registry error responses turned into lstore errors with status, codes and a redacted URL.
 
 The distribution spec (spec.md, "Error Codes") sends errors as
-`{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "...", "detail": ...}]}`; proxies and
+`{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "...", "detail": ...}]}`. Proxies and
 storage backends send HTML or XML instead, so the body is only a hint.
 """
 
