@@ -505,3 +505,41 @@ def test_user_namespace_maps_root(userns_rootfs, runtime_name):
 
     assert result.out.split() == ["0", str(USERNS_HOST_ID), "65536", "0"]
     assert made.st_uid == USERNS_HOST_ID
+
+
+def test_terminal_becomes_controlling_tty(bundle):
+    master, slave = os.openpty()
+    bundle.write_spec(
+        RunOptions(
+            command=["sh", "-c", "tty; echo $TERM; cut -d ' ' -f 7 /proc/self/stat"],
+            network="none",
+            tty=True,
+        )
+    )
+    try:
+        process = runtime.start(
+            bundle.dir, bundle.container_id, stdin=slave, stdout=slave, stderr=slave
+        )
+        os.close(slave)
+        code = process.wait()
+        output = _read_all(master)
+    finally:
+        os.close(master)
+
+    assert code == 0
+    lines = output.split()
+    assert lines[:2] == ["/dev/console", "xterm"]
+    assert int(lines[2]) != 0  # tty_nr: the process has a controlling terminal
+
+
+def _read_all(master: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO once every slave descriptor is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
