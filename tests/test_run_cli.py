@@ -1,0 +1,455 @@
+"""`lstore run` and the container lifecycle, through the CLI as a user runs it.
+
+Needs root. Containers without bridge networking use `--network none`, so they touch no
+host network. Bridge tests run every command with `nsenter --net` inside a network
+namespace the test creates, with their own store root; `nsenter` changes only the network
+namespace, so mounts and cgroups stay visible to the checks. Images come from the real
+registry that the `registry` fixture starts on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lstore.runner import cgroups
+
+pytestmark = [pytest.mark.root, pytest.mark.registry]
+
+BUSYBOX = "busybox:latest"
+NGINX = "debian-nginx:oci"
+# A command that must not take longer, or a container has hung.
+COMMAND_TIMEOUT = 60.0
+
+
+class Cli:
+    """Runs `python -m lstore.cli --root ROOT ...`, optionally inside a network namespace."""
+
+    def __init__(self, root: str, netns: str | None = None) -> None:
+        self.root = root
+        self.netns = netns
+
+    def prefix(self) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+
+    def __call__(self, *args: str, stdin: str | None = None,
+                 timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        command = [*self.prefix(), sys.executable, "-m", "lstore.cli", "--root", self.root,
+                   *args]
+        return subprocess.run(command, input=stdin, capture_output=True, text=True,
+                              timeout=timeout, stdin=None if stdin is not None
+                              else subprocess.DEVNULL)
+
+    def ok(self, *args: str, **options: object) -> str:
+        done = self(*args, **options)  # type: ignore[arg-type]
+        assert done.returncode == 0, f"lstore {' '.join(args)}: {done.returncode}\n" \
+            f"stdout: {done.stdout}\nstderr: {done.stderr}"
+        return done.stdout
+
+    def inspect(self, name: str) -> dict:
+        return json.loads(self.ok("inspect", name))[0]
+
+
+def _require(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; run tools/setup.sh", pytrace=False)
+
+
+def _pulled_root(registry, directory: str) -> tuple[str, dict[str, str]]:
+    root = os.path.join(directory, "root")
+    cli = Cli(root)
+    refs = {name: registry.ref(name) for name in (BUSYBOX, NGINX)}
+    for ref in refs.values():
+        cli.ok("pull", "--plain-http", ref)
+    return root, refs
+
+
+@pytest.fixture(scope="module")
+def pulled(registry, tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """A store root with busybox and debian-nginx pulled, shared by this module's tests."""
+    return _pulled_root(registry, str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture
+def cli(pulled) -> Iterator[Cli]:
+    """The CLI on the shared root; containers a test leaves behind are removed after it."""
+    root, _ = pulled
+    runner = Cli(root)
+    yield runner
+    leftover = runner.ok("ps", "-a", "-q").split()
+    if leftover:
+        runner.ok("rm", "-f", *leftover)
+
+
+@pytest.fixture
+def busybox(pulled) -> str:
+    return pulled[1][BUSYBOX]
+
+
+@pytest.fixture
+def nginx(pulled) -> str:
+    return pulled[1][NGINX]
+
+
+def run(cli: Cli, image: str, *args: str, flags: tuple[str, ...] = (),
+        **options: object) -> subprocess.CompletedProcess[str]:
+    return cli("run", "--network", "none", *flags, image, *args, **options)  # type: ignore
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("command, exit_code", [
+    (["true"], 0),
+    (["sh", "-c", "exit 3"], 3),
+    (["/no/such/program"], 127),
+    (["/etc/passwd"], 126),
+])
+@pytest.mark.parametrize("runtime", ["builtin", "runc"])
+def test_run_exit_codes(cli: Cli, busybox: str, runtime: str, command: list[str],
+                        exit_code: int) -> None:
+    done = run(cli, busybox, *command, flags=("--rm", "--runtime", runtime))
+    assert done.returncode == exit_code, done.stderr
+
+
+@pytest.mark.parametrize("runtime", ["builtin", "runc"])
+def test_run_environment_and_identity(cli: Cli, busybox: str, runtime: str,
+                                      tmp_path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("FROM_FILE=file\n# comment\nSHARED=file\n")
+    script = 'echo "$FROM_FILE $FROM_FLAG $SHARED"; pwd; id -u; id -g; hostname; echo $$'
+    done = run(cli, busybox, "sh", "-c", script, flags=(
+        "--rm", "--runtime", runtime, "--env-file", str(env_file), "-e", "FROM_FLAG=flag",
+        "-e", "SHARED=flag", "-w", "/tmp", "-u", "1234:5678", "--hostname", "box1"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "file flag flag"
+    assert lines[1] == "/tmp"
+    assert lines[2] == "1234"
+    assert lines[3] == "5678"
+    assert lines[4] == "box1"
+    assert lines[5] == "1"
+
+
+def test_run_sees_only_own_processes(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "sh", "-c", "ls /proc | grep '^[0-9]' | sort -n | head -3",
+               flags=("--rm",))
+    pids = done.stdout.split()
+    assert done.returncode == 0, done.stderr
+    assert pids[0] == "1"
+    assert len(pids) <= 3  # sh, and the ls/grep/sort/head pipeline it forked
+    assert all(int(pid) < 20 for pid in pids)
+
+
+def test_run_passes_stdin_with_interactive(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "sh", "-c", "tr a-z A-Z", flags=("--rm", "-i"),
+               stdin="hello\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "HELLO\n"
+
+
+def test_run_tty_gives_a_terminal(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty",
+               flags=("--rm", "-t"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "is-a-tty\n"  # text mode turns the terminal's "\r\n" into "\n"
+
+
+def test_run_separates_stdout_and_stderr(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "sh", "-c", "echo out; echo err >&2", flags=("--rm",))
+    assert done.stdout == "out\n"
+    assert done.stderr == "err\n"
+
+
+def test_run_rejects_taken_name(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "taken", busybox, "sleep", "30")
+    done = run(cli, busybox, "true", flags=("--name", "taken"))
+    assert done.returncode == 125
+    assert "taken" in done.stderr
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+def test_memory_limit_oom_kills(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1",
+               flags=("--name", "hog", "--memory", "32m"))
+    assert done.returncode == 137, done.stderr
+    state = cli.inspect("hog")["State"]
+    assert state["OOMKilled"] is True
+    assert state["ExitCode"] == 137
+
+
+def test_sigkill_of_pid1_is_not_oom(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "victim", busybox, "sleep", "1000")
+    pid = cli.inspect("victim")["State"]["Pid"]
+    os.kill(pid, 9)
+    assert cli.ok("wait", "victim").strip() == "137"
+    state = cli.inspect("victim")["State"]
+    assert state["OOMKilled"] is False
+    assert state["Status"] == "exited"
+
+
+def test_pids_limit_stops_forks(cli: Cli, busybox: str) -> None:
+    script = "for i in $(seq 1 20); do sleep 2 & echo started; done"
+    done = run(cli, busybox, "sh", "-c", script, flags=("--rm", "--pids-limit", "8"))
+    assert "can't fork" in done.stderr
+    assert 1 <= done.stdout.count("started") <= 7  # the shell itself is one of the 8
+
+
+def test_stats_shows_memory(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "measured", "--memory", "64m",
+           busybox, "sleep", "60")
+    output = cli.ok("stats", "--no-stream", "measured")
+    header, row = output.splitlines()
+    assert "MEM USAGE / LIMIT" in header
+    assert "measured" in row
+    assert re.search(r"\d+(\.\d+)?[KM]iB / 64MiB", row), row
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+def _stop_timed(cli: Cli, name: str, *flags: str) -> float:
+    started = time.monotonic()
+    cli.ok("stop", *flags, name)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("runtime", ["builtin", "runc"])
+def test_stop_kills_after_timeout(cli: Cli, busybox: str, runtime: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--runtime", runtime, "--name", "sleeper",
+           busybox, "sleep", "1000")
+    elapsed = _stop_timed(cli, "sleeper", "-t", "3")
+    assert 2.9 <= elapsed < 8, elapsed
+    assert cli.inspect("sleeper")["State"]["ExitCode"] == 137
+
+
+def test_stop_term_trap_exits_quickly(cli: Cli, busybox: str) -> None:
+    script = 'trap "echo got-term; exit 0" TERM; while true; do sleep 0.1; done'
+    cli.ok("run", "-d", "--network", "none", "--name", "trapper", busybox, "sh", "-c", script)
+    time.sleep(0.3)  # let sh install the trap
+    elapsed = _stop_timed(cli, "trapper")
+    assert elapsed < 3, elapsed
+    assert cli.inspect("trapper")["State"]["ExitCode"] == 0
+    assert "got-term" in cli.ok("logs", "trapper")
+
+
+def test_stop_signal_flag(cli: Cli, busybox: str) -> None:
+    script = 'trap "exit 7" USR1; while true; do sleep 0.1; done'
+    cli.ok("run", "-d", "--network", "none", "--name", "usr1", "--stop-signal", "SIGUSR1",
+           busybox, "sh", "-c", script)
+    time.sleep(0.3)
+    elapsed = _stop_timed(cli, "usr1")
+    assert elapsed < 3, elapsed
+    assert cli.inspect("usr1")["State"]["ExitCode"] == 7
+
+
+def test_stop_signal_from_image(cli: Cli, nginx: str) -> None:
+    # The debian-nginx image sets StopSignal SIGQUIT.
+    script = 'trap "exit 7" QUIT; while true; do sleep 0.1; done'
+    cli.ok("run", "-d", "--network", "none", "--name", "quitter", nginx, "sh", "-c", script)
+    time.sleep(0.3)
+    assert cli.inspect("quitter")["Config"]["StopSignal"] == "SIGQUIT"
+    cli.ok("stop", "quitter")
+    assert cli.inspect("quitter")["State"]["ExitCode"] == 7
+
+
+def test_init_forwards_term(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--init", "--name", "inited", busybox,
+           "sh", "-c", "sleep 1000 & wait")
+    time.sleep(0.3)
+    elapsed = _stop_timed(cli, "inited")
+    assert elapsed < 3, elapsed
+    assert cli.inspect("inited")["State"]["ExitCode"] == 143
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def test_detached_lifecycle(cli: Cli, busybox: str) -> None:
+    container_id = cli.ok("run", "-d", "--network", "none", "--name", "cycle", busybox,
+                          "sleep", "60").strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", container_id)
+    assert "cycle" in cli.ok("ps")
+    assert cli.inspect(container_id[:12])["State"]["Running"] is True
+
+    busy = cli("rm", "cycle")
+    assert busy.returncode != 0
+    assert "running" in busy.stderr
+
+    cli.ok("stop", "-t", "0", "cycle")
+    assert "cycle" not in cli.ok("ps")
+    assert re.search(r"Exited \(137\)", cli.ok("ps", "-a"))
+    cli.ok("rm", "cycle")
+    assert "cycle" not in cli.ok("ps", "-a")
+
+
+def test_logs_follow_until_exit(cli: Cli, busybox: str) -> None:
+    script = "for i in 1 2 3; do echo line$i; sleep 0.3; done; echo oops >&2"
+    cli.ok("run", "-d", "--network", "none", "--name", "talker", busybox, "sh", "-c", script)
+    done = cli("logs", "-f", "talker")
+    assert done.stdout == "line1\nline2\nline3\n"
+    assert done.stderr == "oops\n"
+
+
+def test_exec_runs_inside(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "host1", "--hostname", "inner",
+           busybox, "sleep", "60")
+    assert cli.ok("exec", "host1", "hostname").strip() == "inner"
+    assert cli.ok("exec", "host1", "cat", "/proc/1/cmdline").startswith("sleep")
+    assert cli("exec", "host1", "sh", "-c", "exit 5").returncode == 5
+    assert cli.ok("exec", "-i", "host1", "cat", stdin="piped\n") == "piped\n"
+
+
+def test_health_cmd_reports_healthy(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "checked", "--health-cmd",
+           "test -e /tmp/ready", "--health-interval", "0.2s", busybox,
+           "sh", "-c", "sleep 0.5; touch /tmp/ready; sleep 60")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = cli.inspect("checked")["State"]["Health"]
+        if health["Status"] == "healthy":
+            break
+        time.sleep(0.2)
+    assert health["Status"] == "healthy"
+    assert "(healthy)" in cli.ok("ps")
+
+
+def test_rm_force_cleans_after_supervisor_crash(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "orphan", busybox, "sleep", "1000")
+    view = cli.inspect("orphan")
+    record = _record(cli, view["Id"])
+    os.kill(record["supervisor_pid"], 9)
+    time.sleep(0.2)
+    assert "Dead" in cli.ok("ps", "-a")
+
+    cli.ok("rm", "-f", "orphan")
+    assert not os.path.exists(record["path"])
+    assert not _is_alive(view["State"]["Pid"])
+    assert "orphan" not in cli.ok("ps", "-a")
+
+
+def _record(cli: Cli, container_id: str) -> dict:
+    from lstore.store.meta import Meta
+
+    with Meta(os.path.join(cli.root, "meta")).read() as txn:
+        return txn.get("containers", container_id)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_named_volume_keeps_data(cli: Cli, busybox: str) -> None:
+    run(cli, busybox, "sh", "-c", "echo kept > /data/file", flags=("--rm", "-v", "vol1:/data"))
+    done = run(cli, busybox, "cat", "/data/file", flags=("--rm", "-v", "vol1:/data"))
+    assert done.stdout == "kept\n"
+    assert "vol1" in cli.ok("volume", "ls")
+    cli.ok("volume", "rm", "vol1")
+    assert "vol1" not in cli.ok("volume", "ls")
+
+
+# ---------------------------------------------------------------------------- bridge network
+
+
+@pytest.fixture(scope="module")
+def netns(registry, tmp_path_factory) -> Iterator[Cli]:
+    """A network namespace of this test module, and a CLI on its own store root inside it."""
+    _require("ip", "nsenter", "iptables", "curl")
+    name = "lstore-test-" + secrets.token_hex(4)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    root, refs = _pulled_root(registry, str(tmp_path_factory.mktemp("netns")))
+    runner = Cli(root, name)
+    runner.refs = refs  # type: ignore[attr-defined]
+    try:
+        yield runner
+    finally:
+        leftover = runner.ok("ps", "-a", "-q").split()
+        if leftover:
+            runner("rm", "-f", *leftover)
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def _in_netns(netns: Cli, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*netns.prefix(), *command], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT)
+
+
+def test_nginx_answers_on_published_port(netns: Cli) -> None:
+    netns.ok("run", "-d", "--name", "web", "-p", "127.0.0.1:18080:80",
+             netns.refs[NGINX])  # type: ignore[attr-defined]
+    body = ""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and body != "lstore-ok\n":
+        body = _in_netns(netns, "curl", "-s", "--max-time", "2",
+                         "http://127.0.0.1:18080/").stdout
+        time.sleep(0.1)
+    assert body == "lstore-ok\n"
+    ports = netns.inspect("web")["NetworkSettings"]["Ports"]
+    assert ports == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "18080"}]}
+
+    conflict = netns("run", "-d", "-p", "127.0.0.1:18080:80",
+                     netns.refs[NGINX])  # type: ignore[attr-defined]
+    assert conflict.returncode == 125
+    assert "18080" in conflict.stderr
+    netns.ok("rm", "-f", "web")
+
+
+def test_containers_reach_each_other(netns: Cli) -> None:
+    busybox = netns.refs[BUSYBOX]  # type: ignore[attr-defined]
+    netns.ok("run", "-d", "--name", "server", busybox, "sh", "-c",
+             "echo pong | nc -l -p 7000")
+    address = netns.inspect("server")["NetworkSettings"]["IPAddress"]
+    assert address.startswith("198.18.") or address.startswith("198.19.")
+    done = netns("run", "--rm", busybox, "sh", "-c",
+                 f"for i in 1 2 3 4 5 6 7 8 9 10; do nc -w 2 {address} 7000 && break;"
+                 " sleep 0.2; done")
+    assert done.stdout == "pong\n", done.stderr
+    netns.ok("rm", "-f", "server")
+
+
+def test_rm_leaves_nothing_behind(netns: Cli) -> None:
+    busybox = netns.refs[BUSYBOX]  # type: ignore[attr-defined]
+    done = netns("run", "--rm", "-p", "127.0.0.1:18081:8080", busybox, "true")
+    assert done.returncode == 0, done.stderr
+
+    assert netns.ok("ps", "-a", "-q") == ""
+    assert os.listdir(os.path.join(netns.root, "containers")) == []
+    with open("/proc/self/mountinfo") as handle:
+        assert netns.root not in handle.read()
+    assert _in_netns(netns, "ip", "-o", "link").stdout.count("lsv") == 0
+    assert "18081" not in _in_netns(netns, "iptables-save", "-t", "nat").stdout
+    assert _container_cgroups() == []
+    assert _ipam_entries(netns.root) == []
+
+
+def _container_cgroups() -> list[str]:
+    layout = cgroups.detect_layout()
+    hierarchy = layout.hierarchies["memory"]
+    parent = hierarchy.directory(f"{hierarchy.own.rstrip('/')}/{cgroups.CONTAINER_SUBDIR}")
+    if not os.path.isdir(parent):
+        return []
+    return [entry.name for entry in os.scandir(parent) if entry.is_dir()]
+
+
+def _ipam_entries(root: str) -> list[str]:
+    from lstore.store.meta import Meta
+
+    with Meta(os.path.join(root, "meta")).read() as txn:
+        return [key for key, _ in txn.items("ipam")]
