@@ -105,6 +105,7 @@ def _register_run(subparsers: argparse._SubParsersAction) -> None:
     add("-u", "--user", help="uid[:gid] or name[:group]")
     add("--hostname", help="container host name (default: the short ID)")
     add("--entrypoint", help="override the image's entrypoint ('' clears it)")
+
     add("--network", "--net", default="bridge", choices=["bridge", "none", "host"],
         help="network mode (default: bridge)")
     add("-p", "--publish", action="append", default=[],
@@ -114,6 +115,7 @@ def _register_run(subparsers: argparse._SubParsersAction) -> None:
     add("--tmpfs", action="append", default=[], help="mount a tmpfs: /path[:options]")
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
     add("--userns", action="store_true", help="map container root to an unprivileged uid range")
+
     add("-m", "--memory", help="memory limit with unit b, k, m or g (1024-based)")
     add("--cpus", type=float, help="number of CPUs, such as 0.5")
     add("--cpu-quota", type=int, help="CFS quota in microseconds per period")
@@ -121,12 +123,14 @@ def _register_run(subparsers: argparse._SubParsersAction) -> None:
     add("--pids-limit", type=int, help="maximum number of processes")
     add("--device-write-bps", action="append", default=[], help="limit writes: /dev/path:rate")
     add("--cgroup-parent", help="cgroup to create the container's cgroup under")
+
     add("--runtime", default="builtin", choices=["builtin", "runc"], help="OCI runtime")
     add("--init", action="store_true", help="run an init as PID 1 that forwards signals")
     add("--health-cmd", help="shell command that checks the container's health")
     add("--health-interval", help="time between health checks, such as 30s (default 30s)")
     add("--stop-signal", help="signal that stops the container (default: image's or SIGTERM)")
     add("--stop-timeout", type=float, help="seconds between stop signal and SIGKILL (default 10)")
+
     add("--platform", help="os/arch[/variant] to pull when the image is missing")
     add("--plain-http", action="store_true", help="pull over HTTP when the image is missing")
     add("image")
@@ -553,7 +557,7 @@ def _exec(args: argparse.Namespace) -> int:
 def _exec_with_pty(container: Any, process: dict, cgroup: Any, interactive: bool) -> int:
     from lstore.runner import runtime
 
-    master, slave = os.openpty()
+    master, slave = _open_container_pty(container.pid)
     try:
         child = runtime.exec_process(container.pid, process, cgroup=cgroup, stdin=slave,
                                      stdout=slave, stderr=slave)
@@ -563,6 +567,37 @@ def _exec_with_pty(container: Any, process: dict, cgroup: Any, interactive: bool
         _copy_pty(master, 0 if interactive else None)
     os.close(master)
     return child.wait()
+
+
+def _open_container_pty(pid: int) -> tuple[int, int]:
+    """Open a pty pair in the container's own devpts, so `tty` inside names it correctly.
+
+    A pty from the host's devpts works as a terminal too, but ttyname() inside the container
+    cannot find its /dev/pts entry, so that is the fallback only.
+    """
+    import fcntl
+    import struct
+
+    devices = f"/proc/{pid}/root/dev"
+    try:
+        # /dev/ptmx in a container is a relative symlink to pts/ptmx, or the node itself.
+        master = os.open(f"{devices}/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+        number = struct.unpack("I", fcntl.ioctl(master, _TIOCGPTN, b"\0" * 4))[0]
+        slave = os.open(f"{devices}/pts/{number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    return master, slave
+
+
+# Unlock a pty and get its number (linux/include/uapi/asm-generic/ioctls.h); Python's
+# termios module lacks both.
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTN = 0x80045430
 
 
 def _copy_pty(master: int, stdin: int | None) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,19 @@ def test_run_tty_gives_a_terminal(cli: Cli, busybox: str) -> None:
     assert done.stdout == "is-a-tty\n"  # text mode turns the terminal's "\r\n" into "\n"
 
 
+def test_run_forwards_signals_to_container(cli: Cli, busybox: str) -> None:
+    script = 'trap "echo bye; exit 4" TERM; echo ready; while true; do sleep 0.1; done'
+    command = [sys.executable, "-m", "lstore.cli", "--root", cli.root, "run", "--rm",
+               "--network", "none", busybox, "sh", "-c", script]
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          text=True) as client:
+        assert client.stdout is not None
+        assert client.stdout.readline() == "ready\n"
+        client.send_signal(signal.SIGTERM)
+        assert client.stdout.read() == "bye\n"
+        assert client.wait(timeout=COMMAND_TIMEOUT) == 4
+
+
 def test_run_separates_stdout_and_stderr(cli: Cli, busybox: str) -> None:
     done = run(cli, busybox, "sh", "-c", "echo out; echo err >&2", flags=("--rm",))
     assert done.stdout == "out\n"
@@ -310,6 +324,7 @@ def test_exec_runs_inside(cli: Cli, busybox: str) -> None:
     assert cli.ok("exec", "host1", "cat", "/proc/1/cmdline").startswith("sleep")
     assert cli("exec", "host1", "sh", "-c", "exit 5").returncode == 5
     assert cli.ok("exec", "-i", "host1", "cat", stdin="piped\n") == "piped\n"
+    assert re.fullmatch(r"/dev/pts/\d+\n", cli.ok("exec", "-t", "host1", "tty"))
 
 
 def test_health_cmd_reports_healthy(cli: Cli, busybox: str) -> None:
