@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS")
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
     pull.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
+    pull.add_argument(
+        "--trace", metavar="FILE", help="write per-blob, per-stage timings to FILE as JSON lines"
+    )
     pull.set_defaults(handler=_pull)
 
     images = subparsers.add_parser("images", help="list pulled images")
@@ -75,7 +78,13 @@ def _pull(args: argparse.Namespace) -> int:
         if show:
             progress.listener = _ProgressPrinter()
         try:
-            image = store.pull(text, platform=args.platform, settings=settings, progress=progress)
+            image = store.pull(
+                text,
+                platform=args.platform,
+                settings=settings,
+                progress=progress,
+                trace_path=args.trace,
+            )
         except LstoreError as exc:
             print(f"lstore: error: pull {text}: {exc}", file=sys.stderr)
             status = 1

@@ -8,11 +8,13 @@ here, over exactly the bytes the file holds, and both checks happen before anyth
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from lstore.errors import IntegrityError, UnsafeLayerError
 from lstore.store.digest import Digest
+from lstore.store.trace import PullTrace
 from lstore.store.unpack import unpack_layer
 
 # Reads of 1 MiB keep the per-call overhead of hashing and inflating negligible.
@@ -22,15 +24,23 @@ _READ_SIZE = 1 << 20
 class HashingReader:
     """A reader that feeds every byte it returns into a hash."""
 
-    def __init__(self, source: BinaryIO, algorithm: str = "sha256") -> None:
+    def __init__(
+        self,
+        source: BinaryIO,
+        algorithm: str = "sha256",
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
         self._source = source
         self.hasher = hashlib.new(algorithm)
         self.count = 0
+        self._on_read = on_read
 
     def read(self, size: int = -1) -> bytes:
         data = self._source.read(size)
         self.hasher.update(data)
         self.count += len(data)
+        if self._on_read is not None:
+            self._on_read(self.count)
         return data
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
@@ -61,13 +71,18 @@ def process_layer(
     compression: str,
     dest: str | None,
     expected_diff_id: str,
+    trace: PullTrace | None = None,
 ) -> LayerOutcome:
     """Hash a layer blob and, when `dest` is given, unpack it there and check its diffID.
 
     Raises IntegrityError from the unpacker on a diffID mismatch; the caller compares the
     returned blob digest with the descriptor before committing anything.
     """
-    reader = HashingReader(source)
+    on_read = None
+    if trace is not None:
+        on_read = lambda total: trace.progress(layer_digest, "hash", total)  # noqa: E731
+        trace.event(layer_digest, "extract", "start")
+    reader = HashingReader(source, on_read=on_read)
     diff_id: Digest | None = None
     size = 0
     if dest is not None:
@@ -85,6 +100,8 @@ def process_layer(
         diff_id = result.diff_id
         size = result.size
     reader.drain()
+    if trace is not None:
+        trace.event(layer_digest, "extract", "end", size)
     return LayerOutcome(Digest.from_hash(reader.hasher), diff_id, size)
 
 

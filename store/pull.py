@@ -24,6 +24,7 @@ from lstore.store.digest import Digest, chain_ids, layer_compression
 from lstore.store.ingest import IngestFile
 from lstore.store.layerjob import LayerOutcome, process_layer
 from lstore.store.snapshots import SnapshotStore, remove_tree
+from lstore.store.trace import PullTrace
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,14 @@ class Puller:
         *,
         layer_concurrency: int = DEFAULT_LAYER_CONCURRENCY,
         progress: PullProgress | None = None,
+        trace: PullTrace | None = None,
     ) -> None:
         self.client = client
         self.content = content
         self.snapshots = snapshots
         self.locks_dir = locks_dir
         self.progress = progress or PullProgress()
+        self.trace = trace
         self._slots = asyncio.Semaphore(layer_concurrency)
         self._executor = ThreadPoolExecutor(
             max_workers=layer_concurrency, thread_name_prefix="lstore-unpack"
@@ -145,7 +148,9 @@ class Puller:
             else:
                 outcome = await self._unpack_present(digest, compression, dest, plan)
             if dest is not None:
+                self._event(digest, "commit", "start")
                 self.snapshots.commit(dest, plan.chain_id, plan.parent, plan.diff_id, outcome.size)
+                self._event(digest, "commit", "end")
                 dest = None
         finally:
             if dest is not None:
@@ -160,8 +165,13 @@ class Puller:
         job = self._start_job(ingest.reader(), digest, compression, dest, plan)
         try:
             await self.client.fetch_blob(
-                ref, descriptor, ingest, progress=lambda n: self.progress.update(digest, n)
+                ref,
+                descriptor,
+                ingest,
+                progress=self._download_progress(digest),
+                trace=self.trace.fetch_trace(digest) if self.trace else None,
             )
+            self._event(digest, "download", "end", descriptor.size)
             outcome = await job
         except BaseException as exc:
             ingest.fail(exc)
@@ -171,8 +181,27 @@ class Puller:
                 ingest.discard()
             raise
         ingest.close()
+        self._event(digest, "commit", "start")
         self.content.commit_ingest(ingest, outcome.blob_digest, descriptor.media_type)
+        self._event(digest, "commit", "end")
         return outcome
+
+    def _download_progress(self, digest: Digest) -> Callable[[int], None]:
+        received = 0
+        self._event(digest, "download", "start")
+
+        def update(nbytes: int) -> None:
+            nonlocal received
+            received += nbytes
+            self.progress.update(digest, nbytes)
+            if self.trace is not None:
+                self.trace.progress(digest, "download", received)
+
+        return update
+
+    def _event(self, digest: str, stage: str, event: str, nbytes: int = 0) -> None:
+        if self.trace is not None:
+            self.trace.event(digest, stage, event, nbytes)
 
     async def _unpack_present(
         self, digest: Digest, compression: str, dest: str | None, plan: LayerPlan
@@ -200,6 +229,7 @@ class Puller:
                 compression=compression,
                 dest=dest,
                 expected_diff_id=plan.diff_id,
+                trace=self.trace,
             ),
         )
 

@@ -17,6 +17,7 @@ from lstore.store.digest import Digest
 from lstore.store.images import GC_LOCK, ImageRecord
 from lstore.store.pull import Puller, PullProgress
 from lstore.store.reference import Reference, parse_reference
+from lstore.store.trace import PullTrace
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ async def pull_image(
     settings: Any = None,
     progress: PullProgress | None = None,
     layer_concurrency: int | None = None,
+    trace_path: str | None = None,
 ) -> str:
     """Pull one image; on any error nothing new is recorded except verified content."""
     from lstore.store.platform import host_platform, parse_platform
@@ -54,7 +56,14 @@ async def pull_image(
             resolved = await client.resolve(ref, wanted)
             record = _image_record(ref, resolved)
             _store_small_blobs(store, resolved)
-            await _pull_layers(store, client, ref, resolved, progress, layer_concurrency)
+            trace = PullTrace(trace_path) if trace_path else None
+            try:
+                await _pull_layers(
+                    store, client, ref, resolved, progress, layer_concurrency, trace
+                )
+            finally:
+                if trace is not None:
+                    trace.close()
         store.record_image(record)
     log.info("pulled %s (%s)", record.name, record.digest)
     return record.name
@@ -67,10 +76,17 @@ async def _pull_layers(
     resolved: Any,
     progress: PullProgress,
     layer_concurrency: int | None,
+    trace: PullTrace | None,
 ) -> None:
     extra = {} if layer_concurrency is None else {"layer_concurrency": layer_concurrency}
     puller = Puller(
-        client, store.content, store.snapshots, store.locks_dir, progress=progress, **extra
+        client,
+        store.content,
+        store.snapshots,
+        store.locks_dir,
+        progress=progress,
+        trace=trace,
+        **extra,
     )
     try:
         plans = puller.plan(resolved.manifest.layers, resolved.config.diff_ids)
