@@ -28,14 +28,15 @@ class PullTrace:
         self._reported: dict[tuple[str, str], int] = {}
 
     def event(self, blob: str, stage: str, event: str, nbytes: int = 0) -> None:
-        line = {
-            "t": round(time.monotonic() - self._started, 6),
-            "blob": blob,
-            "stage": stage,
-            "event": event,
-            "bytes": nbytes,
-        }
         with self._lock:
+            # Timestamps are taken under the lock so that lines are in time order.
+            line = {
+                "t": round(time.monotonic() - self._started, 6),
+                "blob": blob,
+                "stage": stage,
+                "event": event,
+                "bytes": nbytes,
+            }
             self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def progress(self, blob: str, stage: str, total: int) -> None:

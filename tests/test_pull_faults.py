@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import io
 import tarfile
 
@@ -100,3 +101,37 @@ def test_interrupted_download_resumes(tmp_path):
 
     assert len(store.images()) == 1
     assert store.check(verify_content=True).clean
+
+
+def test_trace_records_every_stage(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    trace_path = str(tmp_path / "trace.jsonl")
+    layers = [layer_tar({"a": b"a" * 3_000_000}), layer_tar({"b": b"b"})]
+
+    async def scenario() -> list[str]:
+        async with FakeRegistry() as registry:
+            registry.add_image("team/app", "1", layers)
+            ref = f"{registry.address}/team/app:1"
+            await pull_image(
+                store, ref, settings=registry_settings(tmp_path), trace_path=trace_path
+            )
+            return [d for d, data in registry.blobs.items() if data in layers]
+
+    layer_digests = asyncio.run(scenario())
+
+    with open(trace_path) as handle:
+        events = [json.loads(line) for line in handle]
+    for digest in layer_digests:
+        stages = {(e["stage"], e["event"]) for e in events if e["blob"] == digest}
+        for expected in [
+            ("connect", "start"),
+            ("first_byte", "end"),
+            ("download", "end"),
+            ("extract", "end"),
+            ("commit", "end"),
+        ]:
+            assert expected in stages, (digest, expected)
+    times = [e["t"] for e in events]
+    assert times == sorted(times)
+    hashed = [e["bytes"] for e in events if e["stage"] == "hash"]
+    assert hashed and max(hashed) > 1_000_000
