@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     rm = subparsers.add_parser("rm", help="remove containers")
     rm.add_argument("-f", "--force", action="store_true", help="kill running containers first")
+    rm.add_argument("-v", "--volumes", action="store_true", help="remove anonymous volumes too")
     rm.add_argument("containers", nargs="+")
     rm.set_defaults(handler=_rm)
 
@@ -475,7 +476,8 @@ def _rm(args: argparse.Namespace) -> int:
     store = _open_store(args)
 
     def remove_one(name: str) -> None:
-        lifecycle.remove(store.meta, containers.resolve(store.meta, name), force=args.force)
+        container = containers.resolve(store.meta, name)
+        lifecycle.remove(store.meta, container, force=args.force, volumes=args.volumes)
         print(name)
 
     return _each(args.containers, remove_one)
@@ -698,13 +700,11 @@ def _volume_rm(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
 
+    in_use = {name for container in containers.list_all(store.meta)
+              for name in containers.volume_names(container, store.volumes_dir)}
+
     def remove_one(name: str) -> None:
-        for container in containers.list_all(store.meta):
-            if any(spec.split(":", 1)[0] == name for spec in container.options.get("volumes", [])):
-                raise InvalidArgumentError(
-                    f"volume {name} is in use by container {container.name}; remove it first",
-                    ref=name)
-        volumes.remove_volume(store.meta, store.volumes_dir, name)
+        volumes.remove_volume(store.meta, store.volumes_dir, name, in_use)
         print(name)
 
     return _each(args.names, remove_one)

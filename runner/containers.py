@@ -370,3 +370,14 @@ def _mount_view(mount: dict[str, Any]) -> dict[str, Any]:
         "Mode": "ro" if "ro" in options else "",
         "RW": "ro" not in options,
     }
+
+
+def volume_names(container: Container, volumes_dir: str) -> list[str]:
+    """Return the names of the volumes (named and anonymous) that a container mounts."""
+    prefix = volumes_dir.rstrip("/") + "/"
+    names = []
+    for mount in container.mounts:
+        source = mount.get("source", "")
+        if source.startswith(prefix) and source.endswith("/_data"):
+            names.append(source[len(prefix) : -len("/_data")])
+    return names

@@ -516,10 +516,12 @@ def wait(meta: Any, container: Container) -> int | None:
 # ---------------------------------------------------------------------------- remove
 
 
-def remove(meta: Any, container: Container, *, force: bool = False) -> None:
-    """Remove a container and everything it holds; with `force`, kill it first if running.
+def remove(meta: Any, container: Container, *, force: bool = False,
+           volumes: bool = False) -> None:
+    """Remove a container and everything it owns; with `force`, kill it first if running.
 
-    Idempotent per step, so it also cleans records left by a crashed CLI or supervisor.
+    `volumes` removes its anonymous volumes too. Idempotent per step, so it also cleans
+    records left by a crashed CLI or supervisor.
     """
     status = container.status()
     if status == containers.RUNNING and not force:
@@ -532,7 +534,7 @@ def remove(meta: Any, container: Container, *, force: bool = False) -> None:
         container = containers.update(meta, container.id, state=containers.REMOVING)
     except LstoreError:
         return  # its supervisor removed it (--rm)
-    remove_resources(meta, container)
+    remove_resources(meta, container, volumes=volumes)
 
 
 def release(meta: Any, container: Container) -> None:
@@ -556,13 +558,31 @@ def release(meta: Any, container: Container) -> None:
             pass  # removed concurrently by `rm -f`
 
 
-def remove_resources(meta: Any, container: Container) -> None:
-    """Release the container, delete its directory, then its record and name."""
+def remove_resources(meta: Any, container: Container, *, volumes: bool = False) -> None:
+    """Release the container, delete its directory, then its record and name.
+
+    With `volumes` (or for a --rm container), its anonymous volumes go too, as with
+    docker's `rm -v`; named volumes always stay.
+    """
     release(meta, container)
     _check_nothing_mounted(container.path)
     shutil.rmtree(container.path, ignore_errors=False, onerror=_ignore_missing)
     containers.delete(meta, container)
+    if volumes or container.options.get("rm"):
+        _remove_anonymous_volumes(meta, container)
     log.info("removed container %s", container.short_id)
+
+
+def _remove_anonymous_volumes(meta: Any, container: Container) -> None:
+    from lstore.runner import volumes
+
+    volumes_dir = os.path.join(os.path.dirname(os.path.dirname(container.path)), "volumes")
+    with meta.read() as txn:
+        records = {name: txn.get("volumes", name)
+                   for name in containers.volume_names(container, volumes_dir)}
+    for name, record in records.items():
+        if record is not None and record.get("anonymous"):
+            volumes.remove_volume(meta, volumes_dir, name)
 
 
 def _ignore_missing(function: Any, path: str, exc_info: Any) -> None:

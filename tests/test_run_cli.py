@@ -371,12 +371,20 @@ def _is_alive(pid: int) -> bool:
 
 
 def test_named_volume_keeps_data(cli: Cli, busybox: str) -> None:
-    run(cli, busybox, "sh", "-c", "echo kept > /data/file", flags=("--rm", "-v", "vol1:/data"))
-    done = run(cli, busybox, "cat", "/data/file", flags=("--rm", "-v", "vol1:/data"))
-    assert done.stdout == "kept\n"
-    assert "vol1" in cli.ok("volume", "ls")
+    run(cli, busybox, "sh", "-c", "echo kept > /data/file; echo gone > /anon/file",
+        flags=("--rm", "-v", "vol1:/data", "-v", "/anon"))
+    assert cli.ok("volume", "ls", "-q").split() == ["vol1"]  # --rm removed the anonymous one
+
+    cli.ok("run", "-d", "--network", "none", "--name", "user", "-v", "vol1:/data", busybox,
+           "sleep", "60")
+    assert cli.ok("exec", "user", "cat", "/data/file") == "kept\n"
+    in_use = cli("volume", "rm", "vol1")
+    assert in_use.returncode == 1
+    assert "in use" in in_use.stderr
+
+    cli.ok("rm", "-f", "user")
     cli.ok("volume", "rm", "vol1")
-    assert "vol1" not in cli.ok("volume", "ls")
+    assert cli.ok("volume", "ls", "-q") == ""
 
 
 # ---------------------------------------------------------------------------- bridge network
