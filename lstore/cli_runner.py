@@ -638,10 +638,17 @@ def _stats(args: argparse.Namespace) -> int:
     else:
         chosen = [c for c in containers.list_all(store.meta)
                   if c.status() == containers.RUNNING]
-    previous = {c.id: stats.take_sample(c) for c in chosen}
+    for container in chosen:
+        if container.status() != containers.RUNNING:
+            raise InvalidArgumentError(f"container {container.name} is not running",
+                                       ref=container.id)
+    previous = _samples(chosen)
     while True:
         time.sleep(STATS_INTERVAL)
-        current = {c.id: stats.take_sample(c) for c in chosen}
+        current = _samples(chosen)
+        chosen = [c for c in chosen if c.id in current and c.id in previous]
+        if not chosen and args.containers:
+            return 0  # every container named on the command line has exited
         rows = [stats.stats_row(c, previous[c.id], current[c.id]) for c in chosen]
         if not args.no_stream and sys.stdout.isatty():
             print("\033[2J\033[H", end="")
@@ -650,6 +657,19 @@ def _stats(args: argparse.Namespace) -> int:
         if args.no_stream:
             return 0
         previous = current
+
+
+def _samples(chosen: list[Any]) -> dict[str, Any]:
+    """Sample each container; one that exited in the meantime is left out."""
+    from lstore.runner import stats
+
+    samples = {}
+    for container in chosen:
+        try:
+            samples[container.id] = stats.take_sample(container)
+        except OSError:
+            continue  # its cgroup is gone: the container has exited
+    return samples
 
 
 def _stats_table(rows: list[dict[str, Any]]) -> list[list[str]]:
