@@ -266,7 +266,7 @@ def _find_or_pull(store: Any, args: argparse.Namespace) -> Any:
         return image
     options: dict[str, Any] = {"platform": args.platform}
     if args.plain_http:
-        from lstore.store.registry.client import RegistrySettings
+        from lstore.store.registry.settings import RegistrySettings
 
         options["settings"] = RegistrySettings.from_environment(plain_http=True)
     print(f"Unable to find image '{args.image}' locally; pulling it", file=sys.stderr)

@@ -66,8 +66,8 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from lstore.store.pull import PullProgress
-    from lstore.store.registry.client import RegistrySettings
+    from lstore.store.progress import PullProgress
+    from lstore.store.registry.settings import RegistrySettings
 
     store = _open_store(args)
     settings = RegistrySettings.from_environment(plain_http=args.plain_http)

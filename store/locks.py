@@ -8,7 +8,6 @@ lock behind.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -57,6 +56,8 @@ async def hold_async(locks_dir: str, name: str, *, shared: bool = False) -> Asyn
 
 
 async def _wait_for_lock(fd: int, mode: int) -> None:
+    import asyncio  # here, so that the synchronous users of this module do not load asyncio
+
     # Poll instead of a blocking flock in a thread: a cancelled pull must not leave a thread
     # behind that later takes the lock and never releases it.
     delay = 0.005

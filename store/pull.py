@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lstore.errors import IntegrityError, LstoreError
 from lstore.store import locks
@@ -23,6 +22,7 @@ from lstore.store.content import ContentStore
 from lstore.store.digest import Digest, chain_ids, layer_compression
 from lstore.store.ingest import IngestFile
 from lstore.store.layerjob import LayerOutcome, process_layer
+from lstore.store.progress import LayerProgress, PullProgress
 from lstore.store.snapshots import SnapshotStore, remove_tree
 from lstore.store.trace import PullTrace
 
@@ -31,33 +31,6 @@ log = logging.getLogger(__name__)
 # Layers processed at once. Each needs one worker thread for inflate and extract; more than
 # the core count mostly adds contention, but downloads of the next layers should overlap.
 DEFAULT_LAYER_CONCURRENCY = 4
-
-
-@dataclass
-class LayerProgress:
-    digest: str
-    size: int
-    fetched: int = 0
-    state: str = "waiting"  # waiting, downloading, present, done
-
-
-@dataclass
-class PullProgress:
-    """Per-layer byte counts, updated on the event loop and read by the progress printer."""
-
-    layers: dict[str, LayerProgress] = field(default_factory=dict)
-    fetched_bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    listener: Callable[["PullProgress"], None] | None = None
-
-    def update(self, digest: str, nbytes: int = 0, state: str | None = None) -> None:
-        layer = self.layers[digest]
-        layer.fetched += nbytes
-        self.fetched_bytes += nbytes
-        if state is not None:
-            layer.state = state
-        if self.listener is not None:
-            self.listener(self)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ The event loop is uvloop when installed. Pulls hold the gc lock shared for their
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -15,7 +14,7 @@ from lstore.errors import IntegrityError
 from lstore.store import locks
 from lstore.store.digest import Digest
 from lstore.store.images import GC_LOCK, ImageRecord
-from lstore.store.pull import Puller, PullProgress
+from lstore.store.progress import PullProgress
 from lstore.store.reference import Reference, parse_reference
 from lstore.store.trace import PullTrace
 
@@ -23,7 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def run_pull(store: Any, text: str, **options: Any) -> str:
-    """Pull `text` into `store` and return the name under which the image was recorded."""
+    """Pull `text` into `store` and return the name under which the image was recorded.
+
+    An image whose content is all present is recorded by the warm-pull shortcut, without
+    importing the HTTP client; a traced pull always takes the full path.
+    """
+    from lstore.store.registry.settings import RegistrySettings
+    from lstore.store.warmpull import warm_pull
+
+    options["settings"] = options.get("settings") or RegistrySettings.from_environment()
+    if not options.get("trace_path"):
+        name = warm_pull(
+            store, text, platform=options.get("platform"), settings=options["settings"]
+        )
+        if name is not None:
+            return name
+    import asyncio
+
     try:
         import uvloop
     except ImportError:  # uvloop is optional: the default loop works, only slower
@@ -43,7 +58,8 @@ async def pull_image(
 ) -> str:
     """Pull one image; on any error nothing new is recorded except verified content."""
     from lstore.store.platform import host_platform, parse_platform
-    from lstore.store.registry.client import RegistryClient, RegistrySettings
+    from lstore.store.registry.client import RegistryClient
+    from lstore.store.registry.settings import RegistrySettings
 
     ref = parse_reference(text)
     wanted = parse_platform(platform) if platform else host_platform()
@@ -78,6 +94,8 @@ async def _pull_layers(
     layer_concurrency: int | None,
     trace: PullTrace | None,
 ) -> None:
+    from lstore.store.pull import Puller
+
     extra = {} if layer_concurrency is None else {"layer_concurrency": layer_concurrency}
     puller = Puller(
         client,

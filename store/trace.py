@@ -13,8 +13,6 @@ import threading
 import time
 from typing import IO
 
-from lstore.store.registry.ranges import FetchTrace
-
 _PROGRESS_STEP = 1 << 20
 
 
@@ -55,8 +53,11 @@ class PullTrace:
             self._file.close()
 
 
-class BlobFetchTrace(FetchTrace):
-    """Registry client hooks that record connect and first-byte times of one blob."""
+class BlobFetchTrace:
+    """Registry client hooks (see registry/ranges.py FetchTrace) for one blob's download.
+
+    It does not subclass FetchTrace so that this module imports no HTTP client.
+    """
 
     def __init__(self, trace: PullTrace, blob: str) -> None:
         self._trace = trace

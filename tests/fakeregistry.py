@@ -403,7 +403,7 @@ def auth_entry(username: str, password: str) -> dict:
 
 def registry_settings(tmp_path, **overrides):
     """Return RegistrySettings for tests: plain HTTP, a private docker config, short backoff."""
-    from lstore.store.registry.client import RegistrySettings
+    from lstore.store.registry.settings import RegistrySettings
     from lstore.store.registry.retry import RetryPolicy
 
     values = {

@@ -21,11 +21,8 @@ from yarl import URL
 
 from lstore.errors import AuthError
 from lstore.store.reference import parse_reference
-from lstore.store.registry.auth import (
-    check_realm,
-    may_send_credentials,
-    parse_www_authenticate,
-)
+from lstore.store.registry.auth import check_realm, may_send_credentials
+from lstore.store.registry.challenge import parse_www_authenticate
 from lstore.store.registry.client import RegistryClient
 
 # Unit tests of the pure parts.

@@ -36,4 +36,8 @@ apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 # Debian's own python3 is marked externally managed (PEP 668); the machine is dedicated to
 # lstore, so installing into it is intended.
 PIP_BREAK_SYSTEM_PACKAGES=1 "$python" -m pip install -q --root-user-action=ignore -e "${repo_dir}[test]"
+# Byte-compile ahead, because an environment with PYTHONDONTWRITEBYTECODE set would otherwise
+# compile lstore's modules again at every command start.
+"$python" -m compileall -q "$repo_dir/lstore" "$repo_dir/store" "$repo_dir/runner" \
+    "$repo_dir/tools" "$repo_dir/bench" >/dev/null
 echo "tools/setup.sh: system packages and lstore (editable) installed"

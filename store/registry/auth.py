@@ -13,7 +13,6 @@ import base64
 import ipaddress
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from lstore.errors import AuthError
+from lstore.store.registry.challenge import Challenge
 from lstore.store.registry.credentials import Credentials
 from lstore.store.registry.errors import error_for_status, redact_url
 
@@ -41,19 +41,8 @@ _LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe8
 # NOTE: a heuristic, not the public suffix list.
 _SHARED_SECOND_LEVEL = frozenset({"ac", "co", "com", "edu", "gov", "net", "org"})
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SPACE = " \t"
-
 # (url, headers, allow_redirects) -> (status, reason, body), with retries already applied.
 TokenRequest = Callable[[URL, dict[str, str], bool], Awaitable[tuple[int, str, bytes]]]
-
-
-@dataclass
-class Challenge:
-    """One challenge of a WWW-Authenticate header: a lowercase scheme and its parameters."""
-
-    scheme: str
-    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,70 +51,6 @@ class Token:
 
     value: str = field(repr=False)
     renew_at: float
-
-
-def parse_www_authenticate(headers: Iterable[str]) -> list[Challenge]:
-    """Parse WWW-Authenticate header values (RFC 9110 section 11.6.1) into challenges.
-
-    Scheme and parameter names are case-insensitive, spaces around "=" are allowed, and
-    quoted values may contain commas and backslash escapes. Malformed parts are skipped.
-    """
-    challenges: list[Challenge] = []
-    for header in headers:
-        challenges.extend(_parse_header(header))
-    return challenges
-
-
-def _parse_header(text: str) -> list[Challenge]:
-    challenges: list[Challenge] = []
-    position = 0
-    while position < len(text):
-        position = _skip(text, position, _SPACE + ",")
-        match = _TOKEN.match(text, position)
-        if match is None:
-            position += 1
-            continue
-
-        after = _skip(text, match.end(), _SPACE)
-        is_param = after < len(text) and text[after] == "=" and bool(challenges)
-        if not is_param:
-            challenges.append(Challenge(match.group().lower()))
-            position = after
-            continue
-        value, position = _read_value(text, _skip(text, after + 1, _SPACE))
-        challenges[-1].params[match.group().lower()] = value
-    return challenges
-
-
-def _skip(text: str, position: int, characters: str) -> int:
-    while position < len(text) and text[position] in characters:
-        position += 1
-    return position
-
-
-def _read_value(text: str, position: int) -> tuple[str, int]:
-    """Read a quoted-string or a bare value starting at `position`."""
-    if position < len(text) and text[position] == '"':
-        return _read_quoted(text, position + 1)
-    end = position
-    while end < len(text) and text[end] not in _SPACE + ",":
-        end += 1
-    return text[position:end], end
-
-
-def _read_quoted(text: str, position: int) -> tuple[str, int]:
-    characters: list[str] = []
-    while position < len(text):
-        character = text[position]
-        if character == "\\" and position + 1 < len(text):
-            characters.append(text[position + 1])
-            position += 2
-            continue
-        if character == '"':
-            return "".join(characters), position + 1
-        characters.append(character)
-        position += 1
-    return "".join(characters), position
 
 
 def basic_authorization(credentials: Credentials) -> str:

@@ -9,11 +9,9 @@ through the registry's challenge once before they become an AuthError.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
@@ -44,8 +42,8 @@ from lstore.store.registry.auth import (
     MAX_TOKEN_RESPONSE,
     RegistryAuth,
     TokenRequest,
-    parse_www_authenticate,
 )
+from lstore.store.registry.challenge import parse_www_authenticate
 from lstore.store.registry.credentials import CredentialStore, default_config_path
 from lstore.store.registry.errors import (
     MAX_ERROR_BODY,
@@ -56,7 +54,12 @@ from lstore.store.registry.errors import (
     redact_url,
 )
 from lstore.store.registry.ranges import BlobDownload, FetchTrace
-from lstore.store.registry.retry import RetryPolicy, parse_retry_after
+from lstore.store.registry.retry import parse_retry_after
+from lstore.store.registry.settings import (
+    RegistrySettings,
+    is_loopback,
+    matches_registry_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,42 +78,6 @@ _TLS_FALLBACK_ERRORS = (
     aiohttp.ClientOSError,
     aiohttp.ServerDisconnectedError,
 )
-
-
-@dataclass(frozen=True)
-class RegistrySettings:
-    """Transport, auth and download settings of a RegistryClient.
-
-    Registries are contacted over HTTPS. `plain_http` uses HTTP for every registry. Insecure
-    registries (host, host:port or a CIDR such as 10.0.0.0/8) and loopback registries try
-    HTTPS without certificate checks first and fall back to HTTP, as docker does.
-    Blobs larger than `range_threshold` bytes are fetched as parallel Range requests of
-    `range_chunk_size` bytes over `range_connections` connections.
-    """
-
-    plain_http: bool = False
-    insecure_registries: tuple[str, ...] = ()
-    docker_config: str | None = None
-    trusted_realm_hosts: tuple[str, ...] = ()
-    max_connections_per_host: int = 8
-    range_threshold: int = 16 << 20
-    range_chunk_size: int = 8 << 20
-    range_connections: int = 4
-    connect_timeout: float = 30.0
-    read_timeout: float = 60.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    @classmethod
-    def from_environment(cls, **overrides: object) -> "RegistrySettings":
-        """Build settings from the environment, then apply `overrides` (field=value).
-
-        LSTORE_INSECURE_REGISTRIES is a comma-separated list of insecure registries.
-        DOCKER_CONFIG names the directory of docker's config.json, as for docker.
-        """
-        insecure = os.environ.get("LSTORE_INSECURE_REGISTRIES", "")
-        entries = tuple(item.strip() for item in insecure.split(",") if item.strip())
-        settings = cls(insecure_registries=entries)
-        return replace(settings, **overrides)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -696,36 +663,3 @@ def _describe_error(error: BaseException) -> str:
 def _is_specific(content_type: str) -> bool:
     bare = content_type.split(";", 1)[0].strip().lower()
     return bare not in ("", "text/plain", "application/json", "application/octet-stream")
-
-
-def is_loopback(host: str) -> bool:
-    """Tell whether a host name or address is this machine (localhost, 127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def matches_registry_list(host: str, port: int | None, entries: tuple[str, ...]) -> bool:
-    """Tell whether host and port match an entry: host:port, host (any port) or a CIDR."""
-    host = host.lower()
-    for entry in entries:
-        entry = entry.strip().lower()
-        if "/" in entry:
-            if _in_network(host, entry):
-                return True
-            continue
-        parsed = URL(f"http://{entry}")
-        same_port = parsed.explicit_port is None or parsed.explicit_port == port
-        if parsed.host == host and same_port:
-            return True
-    return False
-
-
-def _in_network(host: str, cidr: str) -> bool:
-    try:
-        return ipaddress.ip_address(host) in ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        return False
