@@ -547,6 +547,11 @@ def release(meta: Any, container: Container) -> None:
     from lstore.store.overlay import unmount
 
     network.detach(meta, container.id)
+    if container.options.get("runtime") == "runc":
+        from lstore.runner import runc
+        from lstore.runner.runtime import DEFAULT_RUNC_ROOT
+
+        runc.delete(container.id, DEFAULT_RUNC_ROOT)
     cgroup = open_cgroup(container)
     if cgroup is not None:
         cgroup.destroy()

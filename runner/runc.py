@@ -80,7 +80,8 @@ def start(
     """Start `runc run` for the bundle and wait until the container's init exists.
 
     Raises ContainerError when runc is missing or fails before the container starts for a
-    reason other than the program itself. runc removes its state when the container exits.
+    reason other than the program itself. runc keeps its state and the container's cgroup
+    after the container exits, until `delete` removes them.
     """
     pid_file = os.path.join(bundle_dir, _PID_FILE)
     log_file = os.path.join(bundle_dir, _LOG_FILE)
@@ -98,6 +99,9 @@ def start(
         "--log-format",
         "json",
         "run",
+        # Keep the stopped container, and with it its cgroup, until `delete` runs: the
+        # supervisor reads the cgroup's OOM kill counter after the container exits.
+        "--keep",
         "--bundle",
         bundle_dir,
         "--pid-file",
@@ -163,3 +167,17 @@ def _last_error(log_file: str) -> str:
         if entry.get("level") in ("error", "fatal"):
             return str(entry.get("msg", ""))
     return ""
+
+
+def delete(container_id: str, runc_root: str) -> None:
+    """Remove runc's state and cgroup of a stopped container; a no-op when it is gone."""
+    result = subprocess.run(
+        [RUNC, "--root", runc_root, "delete", "--force", container_id],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 and "does not exist" not in result.stderr:
+        log.warning(
+            "runc delete %s failed: %s", container_id, result.stderr.strip() or result.returncode
+        )

@@ -217,8 +217,6 @@ class Supervisor:
         try:
             return cgroup.oom_killed()
         except FileNotFoundError:
-            # NOTE: `runc run` removes the cgroup as soon as the container exits, so under
-            # runc the OOM kill counter is gone before it can be read.
             log.warning("cgroup of container %s is gone; cannot tell whether it was OOM "
                         "killed", self.container.short_id)
             return False

@@ -195,9 +195,10 @@ def test_run_rejects_taken_name(cli: Cli, busybox: str) -> None:
 # ---------------------------------------------------------------------------- resources
 
 
-def test_memory_limit_oom_kills(cli: Cli, busybox: str) -> None:
+@pytest.mark.parametrize("runtime", ["builtin", "runc"])
+def test_memory_limit_oom_kills(cli: Cli, busybox: str, runtime: str) -> None:
     done = run(cli, busybox, "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1",
-               flags=("--name", "hog", "--memory", "32m"))
+               flags=("--name", "hog", "--memory", "32m", "--runtime", runtime))
     assert done.returncode == 137, done.stderr
     state = cli.inspect("hog")["State"]
     assert state["OOMKilled"] is True

@@ -10,7 +10,7 @@ python="${PYTHON:-python3}"
 
 packages=(
     docker-registry skopeo umoci containerd runc busybox-static debootstrap
-    iptables nftables iproute2 curl ca-certificates tar util-linux
+    iptables nftables iproute2 curl ca-certificates tar util-linux tini
 )
 
 if [[ $EUID -ne 0 ]]; then
