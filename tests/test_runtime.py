@@ -23,6 +23,7 @@ from lstore.runner import cgroups, devices, runtime
 from lstore.runner.nsutil import MountOptions, parse_mount_options, resolve_in_root
 from lstore.runner.options import RunOptions
 from lstore.runner.spec import build_spec
+from lstore.runner import runc
 from lstore.store.overlay import mount_overlay, unmount
 from lstore.tools.rootfs import busybox_applets, populate_busybox
 
@@ -129,6 +130,8 @@ class Bundle:
             return Result(code, out.read(), err.read())
 
     def close(self) -> None:
+        # runc keeps a stopped container's state until it is deleted.
+        runc.delete(self.container_id, runtime.DEFAULT_RUNC_ROOT)
         unmount(self.rootfs)
 
 
