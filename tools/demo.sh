@@ -14,8 +14,10 @@ if [[ "${1:-}" != "--inside" ]]; then
     netns="lstore-demo-$$"
     ip netns add "$netns"
     trap 'ip netns delete "$netns"' EXIT
-    ip netns exec "$netns" ip link set lo up
-    ip netns exec "$netns" bash "$0" --inside
+    # nsenter rather than `ip netns exec`: the latter also remounts /sys, which hides the
+    # cgroup hierarchies that containers need.
+    nsenter --net="/run/netns/$netns" ip link set lo up
+    nsenter --net="/run/netns/$netns" bash "$0" --inside
     exit
 fi
 
@@ -32,6 +34,7 @@ registry_pid=$!
 cleanup() {
     kill "$registry_pid" 2>/dev/null || true
     wait "$registry_pid" 2>/dev/null || true
+    rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 for _ in $(seq 100); do
@@ -62,7 +65,9 @@ if lstore run --help >/dev/null 2>&1; then
     show lstore run --rm "$host/busybox:latest" sh -c 'echo "hello from $(hostname), pid $$"'
 
     step "run nginx detached with a published port"
-    id="$(lstore run -d --name web -p 127.0.0.1:18080:80 "$host/debian-nginx:oci")"
+    # The image's nginx logs to files; send its error log to stderr so `logs` shows it.
+    id="$(lstore run -d --name web -p 127.0.0.1:18080:80 "$host/debian-nginx:oci" \
+        nginx -g 'daemon off; error_log /dev/stderr notice;')"
     echo "$id"
     for _ in $(seq 50); do
         curl -fsS http://127.0.0.1:18080/ >/dev/null 2>&1 && break
