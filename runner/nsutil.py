@@ -295,3 +295,25 @@ def resolve_in_root(root: str, path: str) -> str:
             resolved = []
         pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
     return os.path.join(root, *resolved)
+
+
+# linux/sockios.h and linux/if.h: read and set an interface's flags.
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def bring_loopback_up() -> None:
+    """Set `lo` up in the current network namespace, as docker's none mode has it.
+
+    A new network namespace starts with its loopback interface down. Two ioctls do here what
+    netlink would do, without importing a netlink library into the start path.
+    """
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | _IFF_UP))

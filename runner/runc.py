@@ -89,6 +89,9 @@ def start(
         if os.path.exists(stale):
             os.unlink(stale)
     os.makedirs(runc_root, exist_ok=True)
+    if os.path.exists(os.path.join(runc_root, container_id)):
+        # A kept, stopped container of an earlier run of this bundle.
+        delete(container_id, runc_root)
 
     command = [
         RUNC,

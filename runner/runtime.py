@@ -441,6 +441,8 @@ def _setup_for_start(plan: _StartPlan, stdio: tuple[int, int, int], channel: _Ch
         channel.wait_for_parent()
         _become_root()
     nsutil.unshare(plan.unshare_flags)
+    if plan.unshare_flags & nsutil.CLONE_NEWNET:
+        nsutil.bring_loopback_up()
 
     pid = nsutil.clone_sibling()
     if pid:

@@ -364,8 +364,11 @@ def test_network_namespace_by_path_is_joined(bundle, netns, runtime_name):
 @pytest.mark.parametrize("runtime_name", RUNTIMES)
 def test_network_none_has_only_loopback(bundle, runtime_name):
     result = run(bundle, runtime_name, ["ls", "/sys/class/net"])
+    flags = run(bundle, runtime_name, ["cat", "/sys/class/net/lo/flags"])
 
     assert result.out.split() == ["lo"]
+    # IFF_UP: docker's none mode has its loopback up.
+    assert int(flags.out, 16) & 0x1
 
 
 @pytest.mark.parametrize("runtime_name", RUNTIMES)
