@@ -118,7 +118,11 @@ class LayerExtractor:
     def _regular(self, entry: TarEntry, path: Path, reader: TarReader) -> None:
         parent = self._root.parent_fd(path)
         name = path[-1]
-        fd = self._create(parent, path, lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent))
+        try:
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._remove(parent, path)
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
         try:
             for view in reader.data():
                 _write_all(fd, view)
@@ -139,7 +143,7 @@ class LayerExtractor:
         except FileExistsError:
             self._reuse_or_replace_directory(parent, path, entry)
 
-        self._set_node_metadata(parent, name, entry)
+        self._set_node_metadata(parent, name, entry, set_mtime=False)
         self._dir_mtimes[path] = entry.mtime_ns
 
     def _symlink(self, entry: TarEntry, path: Path, reader: TarReader) -> None:
@@ -227,8 +231,10 @@ class LayerExtractor:
 
     # Metadata.
 
-    def _set_node_metadata(self, parent: int, name: bytes, entry: TarEntry) -> None:
-        """Set owner, mode and xattrs of a directory, device or fifo the extractor just made.
+    def _set_node_metadata(
+        self, parent: int, name: bytes, entry: TarEntry, set_mtime: bool = True
+    ) -> None:
+        """Set owner, mode, xattrs and mtime of a directory, device or fifo just made.
 
         chmod follows a symlink at `name`, which is safe because the node there is the one
         just created or checked to be a directory.
@@ -236,7 +242,9 @@ class LayerExtractor:
         os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
         os.chmod(name, stat.S_IMODE(entry.mode), dir_fd=parent)
         self._set_xattrs(node_path(parent, name), entry)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        if set_mtime:
+            times = (entry.mtime_ns, entry.mtime_ns)
+            os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
 
     def _set_xattrs(self, target: int | bytes, entry: TarEntry) -> None:
         """Set the entry's pax xattrs on an open fd or, without following symlinks, a path."""

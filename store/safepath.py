@@ -46,8 +46,11 @@ def split_name(raw: bytes, layer_digest: str) -> Path:
     """
     if b"\x00" in raw:
         raise _unsafe_name(raw, "contains a NUL byte", layer_digest)
+    parts = raw.strip(b"/").split(b"/")
+    if b"" not in parts and b"." not in parts and b".." not in parts:
+        return tuple(parts)
 
-    parts: list[bytes] = []
+    parts = []
     for part in raw.split(b"/"):
         if part == b"..":
             if not parts:

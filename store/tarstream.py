@@ -8,7 +8,7 @@ out as memoryviews of the decompressed chunks, so the extractor copies each byte
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -119,9 +119,20 @@ class _Chunks:
             self._position = end
             yield view
 
+    def span(self, size: int) -> memoryview | None:
+        """Return the next `size` bytes as one view if the current chunk contains them."""
+        end = self._position + size
+        if end > len(self._buffer):
+            return None
+        view = memoryview(self._buffer)[self._position : end]
+        self._position = end
+        self.offset += size
+        return view
+
     def skip(self, size: int) -> None:
-        for _ in self.views(size):
-            pass
+        if self.span(size) is None:
+            for _ in self.views(size):
+                pass
 
     def drain(self) -> int:
         """Consume everything left and return how many bytes that was."""
@@ -155,10 +166,16 @@ class TarReader:
                 return
             yield entry
 
-    def data(self) -> Iterator[memoryview]:
-        """Yield the current entry's file data in pieces; each piece is valid until the next."""
+    def data(self) -> Iterable[memoryview]:
+        """Return the current entry's file data in pieces, each valid until the next."""
         size = self._data_left
         self._data_left = 0
+        view = self._chunks.span(size)
+        if view is not None:  # most files lie within one decompressed chunk
+            return (view,)
+        return self._data_pieces(size)
+
+    def _data_pieces(self, size: int) -> Iterator[memoryview]:
         try:
             yield from self._chunks.views(size)
         except EOFError:
@@ -171,6 +188,8 @@ class TarReader:
         return self._chunks.drain()
 
     def _skip_rest(self) -> None:
+        if not self._data_left and not self._padding:
+            return
         try:
             self._chunks.skip(self._data_left + self._padding)
         except EOFError:
@@ -200,6 +219,8 @@ class TarReader:
             self._apply_overrides(entry, overrides)
             self._data_left = 0 if entry.type in _HEADER_ONLY else entry.size
             self._padding = _padded(self._data_left) - self._data_left
+            if entry.type == _GNU_DUMPDIR:  # a directory whose data lists its members
+                entry.type = DIRECTORY
             return entry
 
     def _read_header(self, has_pending: bool) -> bytes | None:
@@ -226,12 +247,15 @@ class TarReader:
                 size=_number(fields[4]),
                 mtime_ns=_number(fields[5]) * 1_000_000_000,
                 linkname=_text(fields[8]),
-                devmajor=_number(fields[13]),
-                devminor=_number(fields[14]),
+                devmajor=0,
+                devminor=0,
                 offset=offset,
             )
             if entry.size < 0:
                 raise ValueError(f"negative size {entry.size}")
+            if entry.type in (CHAR_DEVICE, BLOCK_DEVICE):
+                entry.devmajor = _number(fields[13])
+                entry.devminor = _number(fields[14])
         except ValueError as error:
             raise self._error(f"invalid header at offset {offset}: {error}") from None
 
@@ -298,6 +322,8 @@ class TarReader:
         return records
 
     def _apply_overrides(self, entry: TarEntry, overrides: dict[bytes, bytes]) -> None:
+        if not overrides:
+            return
         try:
             for key, value in overrides.items():
                 _apply_record(entry, key, value)

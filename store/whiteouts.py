@@ -39,8 +39,8 @@ OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 def is_whiteout(path: Path) -> bool:
-    """Tell whether `path` is a whiteout, an opaque marker or AUFS metadata."""
-    return path[-1].startswith(WHITEOUT_PREFIX) or _is_aufs_metadata(path)
+    """Tell whether `path` may be a whiteout, an opaque marker or AUFS metadata."""
+    return path[-1].startswith(WHITEOUT_PREFIX) or path[0].startswith(_AUFS_METADATA_PREFIX)
 
 
 def _is_aufs_metadata(path: Path) -> bool:

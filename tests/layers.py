@@ -87,7 +87,7 @@ def tar_bytes(members: Sequence[Member], format: int = tarfile.PAX_FORMAT) -> by
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=format) as tar:
         for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+            tar.addfile(info, io.BytesIO(data) if data else None)
     return buffer.getvalue()
 
 

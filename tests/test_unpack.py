@@ -151,6 +151,17 @@ def test_ustar_prefix_is_joined_to_the_name(tmp_path: Path) -> None:
     assert (dest / name).read_bytes() == b"prefixed"
 
 
+def test_gnu_dumpdir_is_a_directory(tmp_path: Path) -> None:
+    listing = b"Yfile\x00\x00"
+    info, _ = directory("d", mode=0o750)
+    info.type = b"D"
+    info.size = len(listing)
+    dest = extract([(info, listing), file("d/file", b"f")], tmp_path, format=tarfile.GNU_FORMAT)
+
+    assert layers.tree(dest) == {"d": "dir", "d/file": "f"}
+    assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o750
+
+
 def test_binary_capability_survives_chown(tmp_path: Path) -> None:
     members = [file("usr/bin/ping", b"ELF", mode=0o755, uid=1000, gid=1000,
                     xattrs={"security.capability": CAPABILITY, "user.note": b"\xff\x00\x01"})]
