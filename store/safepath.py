@@ -69,6 +69,12 @@ def _unsafe_name(raw: bytes, reason: str, layer_digest: str) -> UnsafeLayerError
     )
 
 
+def make_directory(parent_fd: int, name: bytes) -> None:
+    """Create a directory with mode 0755 whatever the umask."""
+    os.mkdir(name, IMPLICIT_DIR_MODE, dir_fd=parent_fd)
+    os.chmod(name, IMPLICIT_DIR_MODE, dir_fd=parent_fd)
+
+
 class DirectoryHooks(Protocol):
     """Callbacks through which the whiteout logic learns of directories the walk touches."""
 
@@ -141,7 +147,7 @@ class SnapshotRoot:
         except FileNotFoundError:
             if not create:
                 raise
-            os.mkdir(name, IMPLICIT_DIR_MODE, dir_fd=parent)
+            make_directory(parent, name)
             self._hooks.directory_created(parent, name, path)
         except NotADirectoryError:
             self._replace_blocker(parent, path, create, entry)

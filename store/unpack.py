@@ -27,15 +27,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UnpackResult:
-    """The outcome of unpacking a layer: its diffID, uncompressed size and entry count."""
+    """The outcome of unpacking a layer.
+
+    `size` counts the uncompressed bytes, padding after the tar end included. `entries` counts
+    tar members, whiteouts and the ignored root entry included, but not pax or GNU long-name
+    headers.
+    """
 
     diff_id: Digest
     size: int
     entries: int
 
 
-# Decompressed chunks a worker thread may hold ready for the extractor. Chunks are 1-4 MiB, so
-# this bounds the memory of one unpack to about 16 MiB.
+# Decompressed chunks a worker thread may hold ready for the extractor. Chunks are about 1 MiB,
+# at most 4 MiB for gzip, so a gzip unpack keeps at most 16 MiB of them waiting.
 _READ_AHEAD_CHUNKS = 4
 
 # How often a worker blocked on a full queue checks whether the extractor stopped.

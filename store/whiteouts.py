@@ -19,7 +19,7 @@ import os
 import stat
 
 from lstore.errors import UnsafeLayerError
-from lstore.store.safepath import Path, SnapshotRoot, display
+from lstore.store.safepath import Path, SnapshotRoot, display, make_directory
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Whiteouts:
         if not _is_whiteout_device(os.stat(name, dir_fd=parent_fd, follow_symlinks=False)):
             return False
         os.unlink(name, dir_fd=parent_fd)
-        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        make_directory(parent_fd, name)
         self.directory_created(parent_fd, name, path)
         return True
 

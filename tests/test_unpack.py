@@ -213,10 +213,15 @@ def test_names_are_normalised(tmp_path: Path) -> None:
 
 
 def test_missing_parents_are_created_0755(tmp_path: Path) -> None:
-    dest = extract([file("x/y/z", b"deep")], tmp_path)
+    old_umask = os.umask(0o077)
+    try:
+        dest = extract([file("x/y/z", b"deep"), whiteout("w"), file("w/f", b"f")], tmp_path)
+    finally:
+        os.umask(old_umask)
 
     assert stat.S_IMODE((dest / "x").stat().st_mode) == 0o755
     assert stat.S_IMODE((dest / "x/y").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "w").stat().st_mode) == 0o755
 
 
 def test_non_utf8_names_are_kept_as_bytes(tmp_path: Path) -> None:
