@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import socket
 import stat
+import struct
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -309,10 +312,6 @@ def bring_loopback_up() -> None:
     A new network namespace starts with its loopback interface down. Two ioctls do here what
     netlink would do, without importing a netlink library into the start path.
     """
-    import fcntl
-    import socket
-    import struct
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sh", b"lo", 0)
         flags = struct.unpack("16sh", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
