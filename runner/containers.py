@@ -48,6 +48,7 @@ class Container:
     supervisor_start: int = 0
     exit_code: int | None = None
     oom_killed: bool = False
+    oom_kill_count: int = 0
     error: str = ""
     started_at: str = ZERO_TIME
     finished_at: str = ZERO_TIME
@@ -56,6 +57,8 @@ class Container:
     args: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     mounted: bool = False
+    # The image's snapshots, which gc keeps while this record exists, even after rmi -f.
+    chain_ids: list[str] = field(default_factory=list)
     cgroup: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
     mounts: list[dict[str, Any]] = field(default_factory=list)
@@ -315,6 +318,7 @@ def _state_view(container: Container, status: str) -> dict[str, Any]:
         "Paused": False,
         "Restarting": False,
         "OOMKilled": container.oom_killed,
+        "OOMKillCount": container.oom_kill_count,
         "Dead": status == DEAD,
         "Pid": container.pid if status == RUNNING else 0,
         "ExitCode": container.exit_code or 0,

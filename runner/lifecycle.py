@@ -110,6 +110,7 @@ def _new_record(store: Any, options: RunOptions, image: Any, stop_signal: int) -
         name=options.name or containers.generate_name(store.meta),
         image=image.name,
         image_digest=image.digest,
+        chain_ids=list(image.chain_ids),
         created=containers.rfc3339_nano(),
         path=os.path.join(store.containers_dir, container_id),
         options=asdict(options),

@@ -193,13 +193,18 @@ class Supervisor:
         finally:
             writer.close()
 
-        oom_killed = self._oom_killed(cgroup)
+        oom_kills = self._oom_kill_count(cgroup)
+        # As docker reports it: the container was OOM killed when its init died of SIGKILL
+        # and the OOM killer did kill in its cgroup. A child killed while the init lives on
+        # only shows in the count, and a plain `kill -9` is not an OOM kill.
+        oom_killed = exit_code == 128 + signal.SIGKILL and oom_kills > 0
         self.container = containers.update(
             self.meta,
             self.container.id,
             state=containers.EXITED,
             exit_code=exit_code,
             oom_killed=oom_killed,
+            oom_kill_count=oom_kills,
             finished_at=containers.rfc3339_nano(),
         )
         log.info(
@@ -211,15 +216,15 @@ class Supervisor:
         self._sync(f"exit {exit_code}")
         return exit_code
 
-    def _oom_killed(self, cgroup: Any) -> bool:
+    def _oom_kill_count(self, cgroup: Any) -> int:
         if cgroup is None:
-            return False
+            return 0
         try:
-            return cgroup.oom_killed()
+            return cgroup.oom_kill_count()
         except FileNotFoundError:
             log.warning("cgroup of container %s is gone; cannot tell whether it was OOM "
                         "killed", self.container.short_id)
-            return False
+            return 0
 
     def _start(self, stdio: ContainerStdio, cgroup: Any) -> Any:
         from lstore.errors import LstoreError

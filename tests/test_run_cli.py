@@ -9,6 +9,7 @@ registry that the `registry` fixture starts on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -477,3 +478,59 @@ def _ipam_entries(root: str) -> list[str]:
 
     with Meta(os.path.join(root, "meta")).read() as txn:
         return [key for key, _ in txn.items("ipam")]
+
+
+# ---------------------------------------------------------------------------- OOM accounting
+
+
+def _memory_hierarchy() -> cgroups.Hierarchy:
+    layout = cgroups.detect_layout()
+    if layout.version != 1:
+        pytest.skip("the nested-parent OOM test writes v1 memory files; this host is cgroup v2")
+    return layout.hierarchies["memory"]
+
+
+def test_child_oom_is_counted_not_reported(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "sh", "-c",
+               "dd if=/dev/zero of=/dev/null bs=128M count=1; echo survived; exit 3",
+               flags=("--name", "child-oom", "--memory", "32m"))
+
+    assert done.returncode == 3, done.stderr
+    assert "survived" in done.stdout
+    state = cli.inspect("child-oom")["State"]
+    assert state["OOMKilled"] is False
+    assert state["OOMKillCount"] >= 1
+
+
+def test_oom_under_parent_with_same_limit(cli: Cli, busybox: str) -> None:
+    memory = _memory_hierarchy()
+    parent = f"{memory.own.rstrip('/')}/lstest-pod-{secrets.token_hex(4)}"
+    parent_dir = memory.directory(parent)
+    os.mkdir(parent_dir)
+    try:
+        # As a Kubernetes pod cgroup does: the parent has the container's limit too.
+        with open(os.path.join(parent_dir, "memory.limit_in_bytes"), "w") as limit:
+            limit.write(str(32 << 20))
+        done = run(cli, busybox, "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1",
+                   flags=("--name", "pod-oom", "--memory", "32m", "--cgroup-parent", parent))
+
+        assert done.returncode == 137, done.stderr
+        assert cli.inspect("pod-oom")["State"]["OOMKilled"] is True
+    finally:
+        cli("rm", "-f", "pod-oom")
+        for hierarchy in cgroups.detect_layout().unique():
+            with contextlib.suppress(OSError):
+                os.rmdir(hierarchy.directory(parent))
+
+
+def test_gc_keeps_layers_of_running_container(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "keeper", busybox, "sleep", "1000")
+    try:
+        cli.ok("rmi", "--force", busybox)
+        cli.ok("gc")
+
+        assert cli.ok("exec", "keeper", "ls", "/bin/sh").strip() == "/bin/sh"
+        assert cli.ok("exec", "keeper", "echo", "alive").strip() == "alive"
+    finally:
+        cli("rm", "-f", "keeper")
+        cli.ok("pull", "--plain-http", busybox)
