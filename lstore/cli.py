@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # Errors of the store's files or of the kernel that no module turned into an
+        # LstoreError; the path tells the user where to look.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"lstore: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
