@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -237,19 +236,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from lstore.store.overlay import mount_overlay
-
-    image = _open_store(args).lookup_image(args.ref)
-    target = os.path.abspath(args.dir)
-    os.makedirs(target, exist_ok=True)
-    mount_overlay(target, image.layer_dirs, readonly=True)
+    _open_store(args).mount_image(args.ref, args.dir)
     return 0
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from lstore.store.overlay import unmount
-
-    unmount(os.path.abspath(args.dir))
+    _open_store(args).unmount_image(args.dir)
     return 0
 
 

@@ -141,7 +141,9 @@ def collect_garbage(
 
     report.snapshots += snapshots.cleanup_orphans(include_numbered=True)
     report.blobs += _remove_unrecorded_blobs(content, set(blob_records) & keep_blobs)
+    ingest_bytes = _ingest_bytes(content)
     report.ingest += _remove_ingest(content)
+    report.bytes_freed += ingest_bytes
     return report
 
 
@@ -154,6 +156,8 @@ def _referenced(meta: Meta) -> tuple[set[str], set[str]]:
     with meta.read() as txn:
         for _key, container in txn.items("containers"):
             chains.update(container.get("chain_ids", []))
+        for _key, mount in txn.items("mounts"):
+            chains.update(mount.get("chain_ids", []))
     return blobs, chains
 
 
@@ -182,6 +186,17 @@ def _remove_ingest(content: ContentStore) -> int:
     return removed
 
 
+def _ingest_bytes(content: ContentStore) -> int:
+    # Allocated blocks, not sizes: partial downloads are sparse files of the full size.
+    total = 0
+    for name in os.listdir(content.ingest_dir):
+        try:
+            total += os.lstat(os.path.join(content.ingest_dir, name)).st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def disk_usage(meta: Meta, content: ContentStore, snapshots: SnapshotStore) -> dict[str, Any]:
     """Return counts and sizes per kind of content, as `lstore df` shows them."""
     images = list_images(meta)
@@ -191,10 +206,7 @@ def disk_usage(meta: Meta, content: ContentStore, snapshots: SnapshotStore) -> d
         containers = sum(1 for _ in txn.items("containers"))
         volumes = sum(1 for _ in txn.items("volumes"))
     snapshot_list = snapshots.list()
-    ingest_bytes = sum(
-        os.stat(os.path.join(content.ingest_dir, name)).st_blocks * 512
-        for name in os.listdir(content.ingest_dir)
-    )
+    ingest_bytes = _ingest_bytes(content)
     return {
         "images": len(images),
         "blobs": len(blob_sizes),

@@ -29,6 +29,7 @@ DATABASES = (
     "ipam",  # "<network>/<address>" -> {container}
     "networks",  # network name -> {subnet, gateway, bridge}
     "volumes",  # volume name -> {created, path}
+    "mounts",  # mount point of `lstore mount` -> {image, digest, chain_ids}
     "counters",  # counter name -> {value}
 )
 

@@ -17,6 +17,7 @@ from lstore.errors import (
     IntegrityError,
     InvalidReferenceError,
     NotFoundError,
+    StoreError,
 )
 from lstore.store import locks
 from lstore.store.content import ContentStore
@@ -77,7 +78,23 @@ class Store:
                 ref=text,
                 path=self.root,
             )
-        load_details(record, self.content, self.snapshots)
+        try:
+            load_details(record, self.content, self.snapshots)
+        except (FileNotFoundError, NotFoundError) as exc:
+            raise StoreError(
+                f"image {record.name} is incomplete in {self.root} ({exc}); run "
+                f"'lstore check', then 'lstore rmi {record.name}' and pull it again",
+                ref=record.name,
+                path=self.root,
+            ) from exc
+        missing = [path for path in record.layer_dirs if not os.path.isdir(path)]
+        if missing:
+            raise StoreError(
+                f"image {record.name} is incomplete: snapshot directory {missing[0]} is "
+                f"missing; run 'lstore rmi {record.name}' and pull it again",
+                ref=record.name,
+                path=missing[0],
+            )
         return record
 
     def find_image(self, text: str) -> ImageRecord | None:
@@ -86,10 +103,9 @@ class Store:
         if record is None:
             return None
         try:
-            load_details(record, self.content, self.snapshots)
-        except (FileNotFoundError, NotFoundError):
+            return self.lookup_image(record.name)
+        except (NotFoundError, StoreError):
             return None
-        return record
 
     def images(self) -> list[ImageRecord]:
         return list_images(self.meta)
@@ -122,6 +138,13 @@ class Store:
                 "remove the container first or use --force",
                 ref=record.name,
             )
+        mounts = self._mounts_using(record.digest)
+        if mounts and not force:
+            raise AlreadyExistsError(
+                f"image {record.name} is mounted at {mounts[0]}; run 'lstore umount "
+                f"{mounts[0]}' first or use --force",
+                ref=record.name,
+            )
         removed = self._names_for(text, record)
         with locks.hold(self.locks_dir, GC_LOCK):
             with self.meta.write() as txn:
@@ -129,6 +152,50 @@ class Store:
                     txn.delete("images", name)
             collect_garbage(self.meta, self.content, self.snapshots)
         return removed
+
+    def mount_image(self, text: str, target: str) -> ImageRecord:
+        """Mount an image's layers read-only at `target` and record the mount point.
+
+        The record comes first, so gc keeps the layers from the moment the mount exists;
+        a failed mount removes it again.
+        """
+        from lstore.store.overlay import mount_overlay
+
+        target = os.path.realpath(target)
+        _check_mount_point(target)
+        image = self.lookup_image(text)
+        record = {"image": image.name, "digest": image.digest, "chain_ids": image.chain_ids}
+        with self.meta.write() as txn:
+            if txn.get("mounts", target) is not None:
+                raise AlreadyExistsError(
+                    f"{target} is already an lstore mount; run 'lstore umount {target}' first",
+                    path=target,
+                )
+            txn.put("mounts", target, record)
+        try:
+            mount_overlay(target, image.layer_dirs, readonly=True)
+        except BaseException:
+            with self.meta.write() as txn:
+                txn.delete("mounts", target)
+            raise
+        return image
+
+    def unmount_image(self, target: str) -> None:
+        """Unmount a mount point made by `mount_image`; other mounts are refused."""
+        from lstore.store.overlay import unmount
+
+        target = os.path.realpath(target)
+        with self.meta.read() as txn:
+            record = txn.get("mounts", target)
+        if record is None:
+            raise NotFoundError(
+                f"{target} was not mounted by 'lstore mount' with store {self.root}",
+                path=target,
+            )
+        if os.path.ismount(target):
+            unmount(target)
+        with self.meta.write() as txn:
+            txn.delete("mounts", target)
 
     def gc(self) -> GcReport:
         """Remove unreferenced blobs, snapshots and partial downloads.
@@ -212,6 +279,12 @@ class Store:
             pass
         return [image.name for image in self.images() if image.digest == record.digest]
 
+    def _mounts_using(self, manifest_digest: str) -> list[str]:
+        with self.meta.read() as txn:
+            return [
+                key for key, value in txn.items("mounts") if value["digest"] == manifest_digest
+            ]
+
     def _containers_using(self, manifest_digest: str) -> list[str]:
         with self.meta.read() as txn:
             return [
@@ -219,6 +292,18 @@ class Store:
                 for key, value in txn.items("containers")
                 if value.get("image_digest") == manifest_digest
             ]
+
+
+def _check_mount_point(target: str) -> None:
+    if not os.path.isdir(target):
+        raise NotFoundError(
+            f"mount point {target} does not exist or is not a directory; create it first",
+            path=target,
+        )
+    if os.path.ismount(target):
+        raise AlreadyExistsError(
+            f"{target} is already a mount point; choose an empty directory", path=target
+        )
 
 
 def read_json_blob(store: Store, digest: str) -> dict[str, Any]:

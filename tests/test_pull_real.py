@@ -144,3 +144,51 @@ def test_unknown_tag_is_one_line_error(registry, lstore):
     assert ref in done.stderr or "no-such-tag" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_mount_needs_existing_directory(registry, lstore, tmp_path):
+    ref = registry.ref("busybox:latest")
+    pull_json(lstore, ref)
+
+    done = lstore.fails("mount", ref, str(tmp_path / "missing"))
+
+    assert "does not exist" in done.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def test_umount_refuses_foreign_mounts(lstore, tmp_path):
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+    try:
+        done = lstore.fails("umount", str(target))
+
+        assert "not mounted by 'lstore mount'" in done.stderr
+        assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_mounted_image_keeps_its_layers(registry, lstore, tmp_path):
+    ref = registry.ref("busybox:latest")
+    pull_json(lstore, ref)
+    with mounted(lstore, ref, str(tmp_path / "mnt")) as rootfs:
+        refused = lstore.fails("rmi", ref)
+        assert "is mounted at" in refused.stderr
+
+        lstore("rmi", "--force", ref)
+        lstore("gc")
+
+        assert os.path.isfile(os.path.join(rootfs, "bin/busybox"))
+    lstore("gc")
+    usage = json.loads(lstore("df", "--json").stdout)
+    assert usage["snapshots"] == 0
+
+
+def test_mount_twice_is_refused(registry, lstore, tmp_path):
+    ref = registry.ref("busybox:latest")
+    pull_json(lstore, ref)
+    with mounted(lstore, ref, str(tmp_path / "mnt")) as rootfs:
+        done = lstore.fails("mount", ref, rootfs)
+
+        assert "already" in done.stderr
