@@ -78,6 +78,7 @@ SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
 SYS_CLOSE_RANGE = 436
+SYS_MOUNT_SETATTR = 442
 
 
 def syscall_number(name: str) -> int:
