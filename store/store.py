@@ -192,7 +192,7 @@ class Store:
                 f"{target} was not mounted by 'lstore mount' with store {self.root}",
                 path=target,
             )
-        if os.path.ismount(target):
+        if is_mount_point(target):
             unmount(target)
         with self.meta.write() as txn:
             txn.delete("mounts", target)
@@ -294,13 +294,29 @@ class Store:
             ]
 
 
+def is_mount_point(path: str) -> bool:
+    """Tell whether `path` is a mount point, bind mounts of the same filesystem included.
+
+    os.path.ismount compares device numbers, so it misses a read-only bind mount of a
+    snapshot directory, which is what a one-layer image mounts as.
+    """
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            field = line.split(" ", 5)[4]
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            decoded = field.encode().decode("unicode_escape").encode("latin-1").decode()
+            if decoded == path:
+                return True
+    return False
+
+
 def _check_mount_point(target: str) -> None:
     if not os.path.isdir(target):
         raise NotFoundError(
             f"mount point {target} does not exist or is not a directory; create it first",
             path=target,
         )
-    if os.path.ismount(target):
+    if is_mount_point(target):
         raise AlreadyExistsError(
             f"{target} is already a mount point; choose an empty directory", path=target
         )

@@ -18,7 +18,7 @@ import ssl
 import urllib.parse
 from dataclasses import replace
 
-from lstore.errors import InvalidArgumentError, NotFoundError
+from lstore.errors import InvalidArgumentError, NotFoundError, StoreError
 from lstore.store.digest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -56,7 +56,9 @@ def warm_pull(store, text: str, *, platform: str | None, settings: RegistrySetti
     wanted = parse_platform(platform) if platform else host_platform()
     try:
         if ref.digest is not None:
-            record = _find_by_digest(store, ref.digest, None, wanted)
+            # Content addressing makes the manifest certain, but only a record of the same
+            # repository proves that the registry serves this digest under that name.
+            record = _find_by_digest(store, ref.digest, None, wanted, repository=ref.name)
         else:
             record = _find_for_tag(store, ref, wanted, settings)
     except (_Fallback, OSError, http.client.HTTPException, ValueError) as exc:
@@ -81,10 +83,19 @@ def _find_for_tag(
 
 
 def _find_by_digest(
-    store, digest: str, fetched: tuple[bytes, str] | None, wanted: Platform
+    store,
+    digest: str,
+    fetched: tuple[bytes, str] | None,
+    wanted: Platform,
+    repository: str | None = None,
 ) -> ImageRecord | None:
-    """Find a complete image whose manifest, or whose index for `wanted`, is `digest`."""
+    """Find a complete image whose manifest, or whose index for `wanted`, is `digest`.
+
+    With `repository`, only images recorded under that repository count.
+    """
     for record in store.images():
+        if repository is not None and _repository_of(record.name) != repository:
+            continue
         if record.digest == digest or (
             record.index_digest == digest and _same_platform(record.platform, wanted)
         ):
@@ -95,13 +106,17 @@ def _find_by_digest(
     return None
 
 
+def _repository_of(name: str) -> str:
+    return parse_reference(name).name
+
+
 def _complete(store, record: ImageRecord) -> ImageRecord | None:
     for digest in record.referenced_blobs():
         if not store.content.has(Digest(digest)):
             return None
     try:
         store.lookup_image(record.name)
-    except (NotFoundError, FileNotFoundError):
+    except (NotFoundError, StoreError):
         return None
     return record
 

@@ -118,3 +118,33 @@ def test_warm_pull_needs_complete_content(tmp_path):
             )
 
     assert asyncio.run(scenario()) is None
+
+
+def test_digest_shortcut_needs_same_repository(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    settings = registry_settings(tmp_path)
+
+    async def scenario() -> tuple[str | None, str | None]:
+        async with FakeRegistry() as registry:
+            image = registry.add_image("team/app", "1", [layer_tar("a", b"x")])
+            await pull_image(store, f"{registry.address}/team/app:1", settings=settings)
+            same = await asyncio.to_thread(
+                warm_pull,
+                store,
+                f"{registry.address}/team/app@{image['digest']}",
+                platform=None,
+                settings=settings,
+            )
+            other = await asyncio.to_thread(
+                warm_pull,
+                store,
+                f"{registry.address}/team/other@{image['digest']}",
+                platform=None,
+                settings=settings,
+            )
+            return same, other
+
+    same, other = asyncio.run(scenario())
+
+    assert same is not None
+    assert other is None
