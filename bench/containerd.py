@@ -4,7 +4,8 @@ It is the Debian package's containerd (1.6 on Debian 12) with the CRI plugin and
 plugin that needs extra setup disabled, and the overlayfs snapshotter (the default). Nothing
 is shared with a containerd the host may run, except the shim socket directory
 /run/containerd/s, which containerd 1.6 does not let a config move. The socket names in it
-are hashes that include our daemon's socket path, so they cannot collide with the host's.
+are hashes that include our daemon's socket path, so they cannot collide with the host's,
+and `stop()` removes the directory again when this daemon created it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ DISABLED_PLUGINS = (
     "io.containerd.internal.v1.tracing",
     "io.containerd.tracing.processor.v1.otlp",
 )
+
+# containerd 1.6 creates its shim socket directory here, whatever its config sets.
+SHIM_RUN_DIR = "/run/containerd"
 
 # containerd opens its socket within a second; the cap allows for a loaded machine.
 _START_TIMEOUT = 30.0
@@ -110,6 +114,7 @@ class ContainerdDaemon:
         self.binary = require_tool("containerd")
         self.ctr_binary = require_tool("ctr")
         self._process: subprocess.Popen[bytes] | None = None
+        self._created_run_dir = not os.path.exists(SHIM_RUN_DIR)
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +138,11 @@ class ContainerdDaemon:
         log.info("containerd pid %d serving %s", self._process.pid, self.paths.socket)
 
     def stop(self) -> None:
-        """Stop the daemon with SIGTERM, then SIGKILL if it has not exited in time."""
+        """Stop the daemon with SIGTERM, then SIGKILL if it has not exited in time.
+
+        The shim socket directory is removed too when it did not exist before this daemon
+        and is empty, so a benchmark leaves nothing in /run.
+        """
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -144,6 +153,8 @@ class ContainerdDaemon:
             log.warning("containerd pid %d ignored SIGTERM; killing it", process.pid)
             process.kill()
             process.wait()
+        if self._created_run_dir:
+            _remove_empty_directories(SHIM_RUN_DIR)
 
     def wipe(self) -> None:
         """Delete all content, snapshots and metadata. The daemon must be stopped."""
@@ -234,6 +245,14 @@ class ContainerdDaemon:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _remove_empty_directories(path: str) -> None:
+    for directory, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty: a shim or another containerd still uses it
+            pass
 
 
 def _tail(path: str) -> str:

@@ -31,12 +31,14 @@ class LstoreTool:
         timed = run_timed(self.command("pull", "--plain-http", "--json", *options, ref))
         return timed.check(f"lstore pull {ref}")
 
-    def pulled_layers(self, timed: Timed) -> int:
-        """Return the layer count that `lstore pull --json` printed."""
+    def describe_pull(self, timed: Timed) -> str:
+        """Summarize what a pull fetched, from the JSON line `lstore pull --json` printed."""
         try:
-            return int(json.loads(timed.stdout.splitlines()[-1])["layers"])
-        except (IndexError, KeyError, ValueError) as error:
-            raise SampleError(f"lstore pull --json printed no layer count: {error}") from error
+            summary = json.loads(timed.stdout.splitlines()[-1])
+            layers, fetched = int(summary["layers"]), int(summary["bytes_fetched"])
+        except (IndexError, KeyError, TypeError, ValueError) as error:
+            raise SampleError(f"lstore pull --json printed no summary: {error}") from error
+        return f"lstore fetched {fetched / 1e6:.1f} MB and unpacked {layers} layers"
 
     def run(self, ref: str, container_name: str) -> Timed:
         """Run `true` in a new container of `ref` without networking and remove it, timed."""

@@ -19,8 +19,8 @@ from typing import IO
 
 log = logging.getLogger(__name__)
 
-# A pull of the largest benchmark image (about 1 GB) takes well under a minute on a laptop
-# disk; ten minutes means the command hangs.
+# Far longer than any pull of the benchmark images (the largest is 333 MB compressed, 1 GB
+# unpacked) should take, so a command still running then is treated as hung.
 DEFAULT_TIMEOUT = 600.0
 # Enough of a failed command's stderr to show why it failed.
 _OUTPUT_TAIL = 2000

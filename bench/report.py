@@ -72,7 +72,7 @@ def render_page(rows: list[Row], machine: Machine, run: RunInfo, chart: ChartInf
         "than editing it.\n",
         "## Results\n",
         "\n".join(table_lines(rows)) + "\n",
-        f"Each cell is the median of {run.runs} runs ({run.big_runs} for the 1 GB image), "
+        f"Each cell is the median of {run.runs} runs ({run.big_runs} for big:latest), "
         "with the minimum and maximum in brackets. In the last column, below 1 means lstore "
         "took less time or memory than containerd.\n",
         _notes_section(rows),
@@ -102,15 +102,18 @@ every sample the two tools take turns going first.
   `ctr images pull --plain-http REF` (containerd 1.6 unpacks into its default overlayfs
   snapshotter). Times are wall-clock time of the whole command, process start included.
 - **Warm**: the image is already complete in both stores.
-- **WAN**: the same cold pull through a TCP proxy on loopback ({wan}); each connection has
-  its own rate cap, as CDNs and object stores apply, so a client that opens more connections
-  gets more bandwidth.
+- **WAN**: the same cold pull through a TCP proxy on loopback that delays and rate-limits
+  each connection. Each connection has its own cap, as CDNs and object stores apply, so a
+  client that opens more connections gets more bandwidth. Profile: {wan}.
 - **Pre-warm**: cold stores, then one pull command per image, in order; the time is the sum.
 - **Run**: `lstore run --rm --network none IMAGE true` against
   `ctr run --rm --cgroup "" IMAGE ID true` (ctr's default gives a new network namespace with
   only loopback). The image is pulled beforehand.
-- **Peak RSS**: from wait4(2) for the pulling process; for containerd the daemon's VmHWM is
-  added, because the daemon applies the layers while ctr fetches them.
+- **big:latest**: the Debian base plus one layer per large package (about 1 GB unpacked),
+  pulled only with `--with-big`.
+- **Peak RSS**: the max RSS of the pulling process, from wait4(2). For containerd, the
+  daemon's peak (VmHWM, since its restart) is added to ctr's, because the daemon applies the
+  layers while ctr fetches them. The sum of two peaks can exceed their combined peak.
 
 containerd runs with its own root, state, socket and config in a temporary directory, with
 the CRI plugin disabled.

@@ -70,7 +70,7 @@ def _checked_cold_pull(row: Row, tool: Contender, ref: str) -> float:
     if isinstance(tool, ContainerdTool):
         _note_snapshots(row, tool)
     else:
-        _note_once(row, f"lstore unpacked {tool.pulled_layers(timed)} layers")
+        _note_once(row, tool.describe_pull(timed))
     return timed.seconds
 
 
@@ -121,11 +121,9 @@ def measure_run(env: BenchEnv, runs: int) -> list[Row]:
 
 
 def measure_big(env: BenchEnv, runs: int) -> list[Row]:
-    """Cold pull of the 1 GB image: wall time, and peak memory of everything that pulled."""
-    time_row = Row("big", f"cold pull {BIG_IMAGE} (about 1 GB)")
+    """Cold pull of the largest image: wall time, and peak memory of everything that pulled."""
+    time_row = Row("big", f"cold pull {BIG_IMAGE}")
     memory_row = Row("big-rss", f"peak RSS during cold pull of {BIG_IMAGE}", unit="MiB")
-    memory_row.notes.append("lstore: max RSS of the lstore process; containerd: peak RSS of "
-                            "the daemon (VmHWM) plus max RSS of ctr, which fetches the blobs")
     ref = env.ref(BIG_IMAGE)
     for sample in range(runs):
         for tool in env.ordered(sample):
@@ -144,6 +142,8 @@ def _big_pull(time_row: Row, memory_row: Row, tool: Contender, ref: str) -> floa
     if isinstance(tool, ContainerdTool):
         _note_snapshots(time_row, tool)
         peak_kib += tool.daemon.peak_rss_kib()
+    else:
+        _note_once(time_row, tool.describe_pull(timed))
     memory_row.series[tool.name].add(peak_kib / _KIB_PER_MIB)
     return timed.seconds
 

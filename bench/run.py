@@ -47,8 +47,6 @@ CHART_NAME = "benchmarks-pull-trace.png"
 # and a benchmark on tmpfs would measure memory copies, not storage.
 DEFAULT_WORK_PARENT = "/var/tmp"
 REQUIRED_TOOLS = ("containerd", "ctr", "runc", "docker-registry", "skopeo")
-# containerd 1.6 creates its shim socket directory here, whatever its config sets.
-_CONTAINERD_RUN_DIR = "/run/containerd"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated rows to run (default: all): "
                              + ", ".join(spec.name for spec in row_specs(LinkProfile())))
     parser.add_argument("--with-big", action="store_true",
-                        help="also pull the 1 GB image and measure peak memory")
+                        help="also push and pull big:latest (1 GB unpacked) and measure "
+                             "peak memory")
     parser.add_argument("--big-runs", type=_positive, default=None,
-                        help="samples of the 1 GB rows (default: the smaller of --runs and 2)")
+                        help="samples of the big:latest rows (default: the smaller of --runs "
+                             "and 2)")
     parser.add_argument("--rtt-ms", type=float, default=40.0,
                         help="round-trip time the WAN proxy adds, in ms (default: 40)")
     parser.add_argument("--rate-mb", type=float, default=20.0,
@@ -96,7 +96,7 @@ def select_rows(specs: list[RowSpec], names: list[str] | None, with_big: bool) -
     if unknown:
         raise ValueError(f"unknown row {', '.join(unknown)}; rows are {', '.join(sorted(known))}")
     if names and not with_big and any(s.needs_big for s in specs if s.name in names):
-        raise ValueError("the big row needs --with-big, which pushes the 1 GB image")
+        raise ValueError("the big row needs --with-big, which pushes big:latest (1 GB unpacked)")
     if names is None:
         return [spec for spec in specs if with_big or not spec.needs_big]
     return [spec for spec in specs if spec.name in names]
@@ -146,7 +146,7 @@ def _measure(args: argparse.Namespace,
         _print_progress(f"seeding the registry on {registry.host}")
         seed_registry(registry.host, with_big=args.with_big)
         shaper = stack.enter_context(ShaperThread(registry.host, _profile(args)))
-        daemon = stack.enter_context(_containerd(os.path.join(work, "containerd")))
+        daemon = stack.enter_context(ContainerdDaemon(os.path.join(work, "containerd")))
         env = BenchEnv(registry.host, shaper.host, LstoreTool(os.path.join(work, "lstore")),
                        ContainerdTool(daemon))
 
@@ -170,27 +170,6 @@ def _work_directory(args: argparse.Namespace) -> Iterator[str]:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work)
-
-
-@contextlib.contextmanager
-def _containerd(base: str) -> Iterator[ContainerdDaemon]:
-    """Run our containerd; afterwards remove the runtime directories it created in /run,
-    if they did not exist before and are empty."""
-    existed = os.path.exists(_CONTAINERD_RUN_DIR)
-    daemon = ContainerdDaemon(base)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        if not existed:
-            _remove_empty_tree(_CONTAINERD_RUN_DIR)
-
-
-def _remove_empty_tree(path: str) -> None:
-    for directory, _, _ in sorted(os.walk(path), key=lambda item: -len(item[0])):
-        with contextlib.suppress(OSError):  # not empty: something else uses it
-            os.rmdir(directory)
 
 
 def _chart(env: BenchEnv, work: str, output: str) -> ChartInfo:
