@@ -7,9 +7,11 @@ imports its heavy dependencies inside the handlers, so `lstore images` starts fa
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from lstore.errors import LstoreError
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="lstore: %(levelname)s: %(name)s: %(message)s",
     )
+    # SIGTERM stops a command the way Ctrl-C does, so pulls clean up their temporary
+    # directories; commands that forward signals (run, logs -f) install their own handlers.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.handler(args) or 0)
     except LstoreError as exc:
@@ -67,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         # Errors of the store's files or of the kernel that no module turned into an
         # LstoreError; the path tells the user where to look.
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"lstore: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        hint = ""
+        if exc.errno == errno.ENOSPC:
+            hint = "; free some space or run 'lstore gc'"
+        print(f"lstore: error: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,7 @@ bytes the first time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -163,9 +164,14 @@ class IngestFile:
         # fdatasync first: a recorded range must never describe bytes that a crash can lose.
         os.fdatasync(self._fd)
         temporary = self._progress_path + ".tmp"
-        with open(temporary, "w") as handle:
-            json.dump({"size": self.size, "ranges": self._ranges}, handle)
-        os.replace(temporary, self._progress_path)
+        try:
+            with open(temporary, "w") as handle:
+                json.dump({"size": self.size, "ranges": self._ranges}, handle)
+            os.replace(temporary, self._progress_path)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
         self._unsaved = 0
 
     def _load_progress(self) -> None:

@@ -145,7 +145,9 @@ class Puller:
                 trace=self.trace.fetch_trace(digest) if self.trace else None,
             )
             self._event(digest, "download", "end", descriptor.size)
-            outcome = await job
+            # shield: cancelling this task must not mark the worker's future done while
+            # the thread still writes into the snapshot directory.
+            outcome = await asyncio.shield(job)
         except BaseException as exc:
             ingest.fail(exc)
             await _settle(job)
@@ -180,7 +182,12 @@ class Puller:
         self, digest: Digest, compression: str, dest: str | None, plan: LayerPlan
     ) -> LayerOutcome:
         with open(self.content.blob_path(digest), "rb") as source:
-            outcome = await self._start_job(source, digest, compression, dest, plan)
+            job = self._start_job(source, digest, compression, dest, plan)
+            try:
+                outcome = await asyncio.shield(job)
+            except BaseException:
+                await _settle(job)
+                raise
         if outcome.blob_digest != digest:
             raise IntegrityError(
                 f"stored blob {digest} is corrupt (content hashes to {outcome.blob_digest}); "
@@ -219,12 +226,14 @@ def _first_cause(group_error: BaseExceptionGroup) -> BaseException:
 
 
 async def _settle(job: asyncio.Future) -> None:
-    # The worker must have stopped before its snapshot directory is removed; its own error
-    # is a consequence of the failure being raised, so it is not reported again.
-    try:
-        await asyncio.shield(job)
-    except (Exception, asyncio.CancelledError):
-        pass
+    """Wait until the worker has stopped, before its snapshot directory is removed.
+
+    Its own error is a consequence of the failure being raised, so it is retrieved here
+    and not reported again.
+    """
+    await asyncio.wait([job])
+    if not job.cancelled():
+        job.exception()
 
 
 def ingest_leftovers(ingest_dir: str) -> list[str]:

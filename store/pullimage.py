@@ -42,8 +42,36 @@ def run_pull(store: Any, text: str, **options: Any) -> str:
     try:
         import uvloop
     except ImportError:  # uvloop is optional: the default loop works, only slower
-        return asyncio.run(pull_image(store, text, **options))
-    return uvloop.run(pull_image(store, text, **options))
+        name = asyncio.run(_interruptible(pull_image(store, text, **options)))
+    else:
+        name = uvloop.run(_interruptible(pull_image(store, text, **options)))
+    if name is None:
+        raise KeyboardInterrupt
+    return name
+
+
+async def _interruptible(pull: Any) -> str | None:
+    """Run a pull that SIGINT and SIGTERM cancel cleanly; return None when interrupted.
+
+    Cancellation unwinds every layer task, so workers stop and temporary snapshot
+    directories are removed before the process exits.
+    """
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(pull)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+        return None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 async def pull_image(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -192,3 +194,27 @@ def test_mount_twice_is_refused(registry, lstore, tmp_path):
         done = lstore.fails("mount", ref, rootfs)
 
         assert "already" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_pull_leaves_clean_store(registry, store_root, lstore, signum):
+    ref = registry.ref("debian-nginx:oci")
+    command = [sys.executable, "-m", "lstore.cli", "--root", store_root, "pull", ref]
+    snapshots = os.path.join(store_root, "snapshots")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if os.path.isdir(snapshots) and any(n.startswith("tmp-") for n in os.listdir(snapshots)):
+            break
+        time.sleep(0.01)
+
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+
+    if process.returncode == 0:
+        pytest.skip("the pull finished before the signal arrived")
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "lstore: interrupted"
+    assert not [n for n in os.listdir(snapshots) if n.startswith("tmp-")]
+    assert lstore("check").returncode == 0
+    assert pull_json(lstore, ref)["layers"] >= 3
