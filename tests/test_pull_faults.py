@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import io
+import json
+import socket
 import tarfile
+import time
 
 import pytest
+from lstore.store.pullimage import pull_image
+from lstore.store.registry.retry import RetryPolicy
+from lstore.store.store import Store
 
 from lstore.errors import IntegrityError, LstoreError
-from lstore.store.pullimage import pull_image
-from lstore.store.store import Store
 from tests.fakeregistry import FakeRegistry, registry_settings
 
 
@@ -135,3 +138,21 @@ def test_trace_records_every_stage(tmp_path):
     assert times == sorted(times)
     hashed = [e["bytes"] for e in events if e["stage"] == "hash"]
     assert hashed and max(hashed) > 1_000_000
+
+
+def test_refused_connection_fails_fast(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The port is closed again, so connections to it are refused.
+    ref = f"127.0.0.1:{port}/team/app:1"
+    settings = registry_settings(tmp_path, retry=RetryPolicy(backoff_base=1.0))
+    started = time.monotonic()
+
+    with pytest.raises(LstoreError) as caught:
+        asyncio.run(pull_image(store, ref, settings=settings))
+
+    assert time.monotonic() - started < 1.0
+    assert f"cannot connect to registry 127.0.0.1:{port}" in str(caught.value)
+    assert store.images() == []

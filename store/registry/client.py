@@ -9,14 +9,13 @@ through the registry's challenge once before they become an AuthError.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from yarl import URL
-
-from lstore.errors import AuthError, IntegrityError, RegistryError, UnsupportedError
 from lstore.store.digest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -60,6 +59,9 @@ from lstore.store.registry.settings import (
     is_loopback,
     matches_registry_list,
 )
+from yarl import URL
+
+from lstore.errors import AuthError, IntegrityError, RegistryError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +381,8 @@ class RegistryClient:
             try:
                 response = await self._send(ref, target, request_headers, allow_redirects)
             except CONNECTION_ERRORS as error:
+                if _is_unreachable(error):
+                    raise self._unreachable_error(ref, error) from error
                 failures += 1
                 await self.pause_after_failure(failures, action, error, ref=ref)
                 continue
@@ -395,6 +399,17 @@ class RegistryClient:
                 await asyncio.sleep(delay)
                 continue
             return response
+
+    def _unreachable_error(self, ref: Reference, error: BaseException) -> RegistryError:
+        # A refused connection or an unknown host does not heal within a retry's backoff,
+        # so it fails at once, as docker and containerd do.
+        schemes = " and ".join(self._candidate_schemes(ref.api_host))
+        return RegistryError(
+            f"cannot connect to registry {ref.api_host} for {ref} (tried {schemes}): "
+            f"{_describe_error(error)}; check that the registry runs at that address",
+            ref=str(ref),
+            temporary=True,
+        )
 
     async def _answer_challenge(
         self,
@@ -663,3 +678,13 @@ def _describe_error(error: BaseException) -> str:
 def _is_specific(content_type: str) -> bool:
     bare = content_type.split(";", 1)[0].strip().lower()
     return bare not in ("", "text/plain", "application/json", "application/octet-stream")
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """Tell whether a connection error is a refused connection or a failed name lookup."""
+    if not isinstance(error, aiohttp.ClientConnectorError):
+        return False
+    cause = error.os_error
+    if isinstance(cause, socket.gaierror):
+        return True
+    return cause.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
