@@ -117,11 +117,14 @@ def _register_run(subparsers: argparse._SubParsersAction) -> None:
     add("--read-only", action="store_true", help="mount the root filesystem read-only")
     add("--userns", action="store_true", help="map container root to an unprivileged uid range")
 
-    add("-m", "--memory", help="memory limit with unit b, k, m or g (1024-based)")
-    add("--cpus", type=float, help="number of CPUs, such as 0.5")
-    add("--cpu-quota", type=int, help="CFS quota in microseconds per period")
-    add("--cpu-period", type=int, help="CFS period in microseconds")
-    add("--pids-limit", type=int, help="maximum number of processes")
+    # Limits are parsed as text by runner/limits.py, so a malformed value is a one-line
+    # error with exit code 125, as docker reports it, not argparse's usage message.
+    add("-m", "--memory", help="memory limit with unit b, k, m or g (1024-based), 6m or more; "
+        "0 means no limit")
+    add("--cpus", help="number of CPUs, such as 0.5, from 0.01 to the host's CPU count")
+    add("--cpu-quota", help="CFS quota in microseconds per period, 1000 or more")
+    add("--cpu-period", help="CFS period in microseconds, from 1000 to 1000000")
+    add("--pids-limit", help="maximum number of processes; 0 or -1 means no limit")
     add("--device-write-bps", action="append", default=[], help="limit writes: /dev/path:rate")
     add("--cgroup-parent", help="cgroup to create the container's cgroup under")
 
@@ -213,7 +216,7 @@ def parse_duration(text: str) -> float:
 
 def run_options(args: argparse.Namespace) -> Any:
     """Turn `run` flags into RunOptions, converting sizes and durations."""
-    from lstore.runner.cgroups import parse_bytes
+    from lstore.runner import limits
     from lstore.runner.options import RunOptions
 
     entrypoint = None
@@ -226,8 +229,10 @@ def run_options(args: argparse.Namespace) -> Any:
         hostname=args.hostname, network=args.network, publish=args.publish,
         volumes=args.volume, tmpfs=args.tmpfs, read_only=args.read_only, rm=args.rm,
         detach=args.detach, interactive=args.interactive, tty=args.tty, userns=args.userns,
-        memory=parse_bytes(args.memory) if args.memory else None, cpus=args.cpus,
-        cpu_quota=args.cpu_quota, cpu_period=args.cpu_period, pids_limit=args.pids_limit,
+        memory=limits.parse_memory(args.memory), cpus=limits.parse_cpus(args.cpus),
+        cpu_quota=limits.parse_cpu_quota(args.cpu_quota),
+        cpu_period=limits.parse_cpu_period(args.cpu_period),
+        pids_limit=limits.parse_pids_limit(args.pids_limit),
         device_write_bps=args.device_write_bps, cgroup_parent=args.cgroup_parent,
         runtime=args.runtime, init=args.init, health_cmd=args.health_cmd,
         health_interval=health_interval, stop_signal=args.stop_signal,

@@ -359,17 +359,24 @@ def resources_from_options(
     """Build OCI `linux.resources` from docker-style run flags.
 
     `--cpus N` becomes a CFS quota of N periods of 100 ms, as docker computes it; it cannot
-    be combined with --cpu-quota or --cpu-period.
+    be combined with --cpu-quota or --cpu-period. Values out of docker's ranges raise
+    InvalidArgumentError (runner/limits.py).
     """
+    from lstore.runner import limits
+
     resources: dict[str, Any] = {}
     if memory is not None:
+        limits.check_memory(memory)
         resources["memory"] = {"limit": memory}
 
     if cpus is not None and (cpu_quota is not None or cpu_period is not None):
         raise InvalidArgumentError("--cpus cannot be combined with --cpu-quota or --cpu-period")
+    if cpu_quota is not None:
+        limits.check_cpu_quota(cpu_quota)
+    if cpu_period is not None:
+        limits.check_cpu_period(cpu_period)
     if cpus is not None:
-        if cpus <= 0:
-            raise InvalidArgumentError(f"invalid --cpus {cpus}: must be greater than 0")
+        limits.check_cpus(cpus)
         cpu_quota, cpu_period = round(cpus * DEFAULT_CPU_PERIOD_US), DEFAULT_CPU_PERIOD_US
     if cpu_quota is not None or cpu_period is not None:
         resources["cpu"] = {"quota": cpu_quota, "period": cpu_period or DEFAULT_CPU_PERIOD_US}

@@ -207,6 +207,29 @@ def test_memory_limit_oom_kills(cli: Cli, busybox: str, runtime: str) -> None:
     assert state["ExitCode"] == 137
 
 
+def test_memory_zero_means_no_limit(cli: Cli, busybox: str) -> None:
+    done = run(cli, busybox, "echo", "hi", flags=("--rm", "-m", "0"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hi\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("-m", "1k"), "minimum memory limit allowed is 6MB"),
+    (("--memory", "junk"), "invalid --memory 'junk'"),
+    (("--cpus", "0"), "range of CPUs is from 0.01 to"),
+    (("--cpus", "4096"), "CPUs available"),
+    (("--pids-limit", "many"), "invalid --pids-limit 'many'"),
+    (("--cpu-quota", "999"), "cannot be less than 1ms"),
+])
+def test_run_rejects_bad_limits(cli: Cli, busybox: str, flags: tuple[str, ...],
+                                message: str) -> None:
+    done = run(cli, busybox, "true", flags=("--name", "limited", *flags))
+    assert done.returncode == 125
+    assert message in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert cli.ok("ps", "-a", "-q") == ""
+
+
 def test_sigkill_of_pid1_is_not_oom(cli: Cli, busybox: str) -> None:
     cli.ok("run", "-d", "--network", "none", "--name", "victim", busybox, "sleep", "1000")
     pid = cli.inspect("victim")["State"]["Pid"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from lstore.cli_runner import parse_duration
 from lstore.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from lstore.runner import containers
+from lstore.runner import containers, limits
 from lstore.runner.containers import Container
 from lstore.runner.health import (
     HEALTHY,
@@ -53,6 +54,49 @@ def test_parse_duration_go_forms(text: str, seconds: float) -> None:
 def test_parse_duration_rejects_garbage(text: str) -> None:
     with pytest.raises(InvalidArgumentError):
         parse_duration(text)
+
+
+HOST_CPUS = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("parse, text, value", [
+    (limits.parse_memory, "0", None),
+    (limits.parse_memory, "6m", 6 << 20),
+    (limits.parse_memory, "1g", 1 << 30),
+    (limits.parse_cpus, "0.01", 0.01),
+    (limits.parse_cpus, str(HOST_CPUS), float(HOST_CPUS)),
+    (limits.parse_cpu_quota, "1000", 1000),
+    (limits.parse_cpu_quota, "0", None),
+    (limits.parse_cpu_quota, "-1", None),
+    (limits.parse_cpu_period, "1000000", 1_000_000),
+    (limits.parse_cpu_period, "0", None),
+    (limits.parse_pids_limit, "64", 64),
+    (limits.parse_pids_limit, "0", None),
+    (limits.parse_pids_limit, "-1", None),
+    (limits.parse_memory, None, None),
+])
+def test_limits_parse_docker_values(parse, text: str | None, value: object) -> None:
+    assert parse(text) == value
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (limits.parse_memory, "1k", "minimum memory limit allowed is 6MB"),
+    (limits.parse_memory, "6291455b", "minimum memory limit allowed is 6MB"),
+    (limits.parse_memory, "junk", "invalid --memory 'junk'"),
+    (limits.parse_cpus, "0", f"from 0.01 to {HOST_CPUS}.00"),
+    (limits.parse_cpus, "-1", f"only {HOST_CPUS} CPUs available"),
+    (limits.parse_cpus, str(HOST_CPUS + 1), f"only {HOST_CPUS} CPUs available"),
+    (limits.parse_cpus, "nan", "range of CPUs"),
+    (limits.parse_cpus, "many", "invalid --cpus 'many'"),
+    (limits.parse_cpu_quota, "999", "cannot be less than 1ms"),
+    (limits.parse_cpu_quota, "1ms", "invalid --cpu-quota '1ms': expected an integer"),
+    (limits.parse_cpu_period, "999", "from 1ms to 1s"),
+    (limits.parse_cpu_period, "1000001", "from 1ms to 1s"),
+    (limits.parse_pids_limit, "x", "invalid --pids-limit 'x'"),
+])
+def test_limits_reject_out_of_range(parse, text: str, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        parse(text)
 
 
 def test_rfc3339_nano_trims_zeros_like_go() -> None:
