@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,13 @@ EXITED = "exited"
 REMOVING = "removing"
 # Computed, never stored: a running record whose supervisor is gone.
 DEAD = "dead"
+
+# docker's rule for container names. The name becomes an LMDB key and appears in paths and
+# messages, so no "/" and no leading "." or "-".
+NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# docker sets no maximum; this one keeps names readable in `ps` and well under LMDB's
+# 511-byte key limit.
+MAX_NAME_LENGTH = 128
 
 # The zero time that docker prints for StartedAt/FinishedAt of a container that never ran.
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -149,11 +157,29 @@ def process_alive(pid: int, start_ticks: int) -> bool:
 # Storage. Each function is one LMDB transaction.
 
 
+def check_name(name: str) -> None:
+    """Raise InvalidArgumentError unless `name` follows docker's rule and MAX_NAME_LENGTH."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"invalid container name ({name[:20]}...): it has {len(name)} characters, "
+            f"and at most {MAX_NAME_LENGTH} are allowed",
+            ref=name,
+        )
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(
+            f"invalid container name ({name}): only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed "
+            "(at least 2 characters)",
+            ref=name,
+        )
+
+
 def reserve(meta: Meta, container: Container) -> None:
     """Store a new record and claim its name, atomically.
 
-    Raises AlreadyExistsError if the name is taken; nothing is written then.
+    Raises InvalidArgumentError for a malformed name and AlreadyExistsError if the name is
+    taken; nothing is written then.
     """
+    check_name(container.name)
     with meta.write() as txn:
         owner = txn.get("names", container.name)
         if owner is not None:

@@ -194,6 +194,15 @@ def test_run_rejects_taken_name(cli: Cli, busybox: str) -> None:
     assert "taken" in done.stderr
 
 
+@pytest.mark.parametrize("name", ["bad/name", "../../x", "n" * 300])
+def test_run_rejects_invalid_name(cli: Cli, busybox: str, name: str) -> None:
+    done = run(cli, busybox, "true", flags=("--name", name))
+    assert done.returncode == 125
+    assert "invalid container name" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert cli.ok("ps", "-a", "-q") == ""
+
+
 # ---------------------------------------------------------------------------- resources
 
 

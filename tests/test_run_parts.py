@@ -233,6 +233,28 @@ def test_reserve_rejects_taken_name(tmp_path) -> None:
     assert [c.id for c in containers.list_all(meta)] == [first.id]
 
 
+@pytest.mark.parametrize("name, message", [
+    ("bad/name", "only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"),
+    ("../../x", "only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"),
+    ("-web", "only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"),
+    ("a", "(at least 2 characters)"),
+    ("web server", "only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"),
+    ("w" * 129, "at most 128 are allowed"),
+])
+def test_reserve_rejects_invalid_name(tmp_path, name: str, message: str) -> None:
+    meta = Meta(str(tmp_path / "meta"))
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        containers.reserve(meta, _record(name))
+    assert containers.list_all(meta) == []
+
+
+@pytest.mark.parametrize("name", ["web", "db.1", "a-b_c", "0x", "W" * 128])
+def test_reserve_accepts_docker_names(tmp_path, name: str) -> None:
+    meta = Meta(str(tmp_path / "meta"))
+    containers.reserve(meta, _record(name))
+    assert containers.resolve(meta, name).name == name
+
+
 def test_resolve_by_name_id_and_prefix(tmp_path) -> None:
     meta = Meta(str(tmp_path / "meta"))
     record = _record("db")
