@@ -55,6 +55,12 @@ _VARIANT_FALLBACKS = {
 _DEFAULT_VARIANTS = {"arm64": "v8", "amd64": "v1"}
 
 _KNOWN_OSES = {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris"}
+# Architectures as Go's GOARCH names them, which image configs use (OCI image-spec
+# config.md refers to GOARCH values).
+_KNOWN_ARCHITECTURES = {
+    "386", "amd64", "arm", "arm64", "loong64", "mips", "mipsle", "mips64", "mips64le",
+    "ppc64", "ppc64le", "riscv64", "s390x", "wasm",
+}  # fmt: skip
 _EXPECTED_FORM = "expected os/architecture[/variant], such as linux/arm64 or linux/arm/v7"
 
 
@@ -114,8 +120,15 @@ def parse_platform(text: str) -> Platform:
         host = host_platform()
         if parts[0].lower() in _KNOWN_OSES:
             return Platform(parts[0], host.architecture, host.variant)
-        return Platform(host.os, parts[0])
-    return Platform(*parts)
+        platform = Platform(host.os, parts[0])
+    else:
+        platform = Platform(*parts)
+    if platform.os not in _KNOWN_OSES or platform.architecture not in _KNOWN_ARCHITECTURES:
+        raise InvalidArgumentError(
+            f"invalid platform {text!r}: unknown operating system or architecture; "
+            f"{_EXPECTED_FORM}"
+        )
+    return platform
 
 
 def host_platform() -> Platform:

@@ -97,7 +97,7 @@ async def pull_image(
     async with locks.hold_async(store.locks_dir, GC_LOCK, shared=True):
         store.snapshots.cleanup_orphans(include_numbered=False)
         async with RegistryClient(settings) as client:
-            resolved = await client.resolve(ref, wanted)
+            resolved = await client.resolve(ref, wanted, strict=platform is not None)
             record = _image_record(ref, resolved)
             _store_small_blobs(store, resolved)
             trace = PullTrace(trace_path) if trace_path else None

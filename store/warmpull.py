@@ -66,6 +66,8 @@ def warm_pull(store, text: str, *, platform: str | None, settings: RegistrySetti
         return None
     if record is None:
         return None
+    if platform and not _same_platform(record.platform, wanted):
+        return None  # the full pull checks an explicit --platform and reports a mismatch
 
     name = str(ref)
     store.record_image(replace(record, name=name, pulled=now()))

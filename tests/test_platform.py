@@ -94,7 +94,15 @@ def test_select_manifest_never_takes_windows_or_attestation():
     with pytest.raises(NotFoundError):
         select_manifest(make_index(WINDOWS), parse_platform("windows/amd64"))
     with pytest.raises(NotFoundError):
-        select_manifest(make_index(ATTESTATION), parse_platform("unknown/unknown"))
+        select_manifest(make_index(ATTESTATION), Platform("unknown", "unknown"))
+
+
+@pytest.mark.parametrize("text", ["junk", "linux/junk", "plan10/amd64", "unknown/unknown"])
+def test_parse_platform_rejects_unknown_names(text):
+    with pytest.raises(InvalidArgumentError) as caught:
+        parse_platform(text)
+
+    assert repr(text) in str(caught.value)
 
 
 def test_select_manifest_skips_unknown_platform_without_annotation():

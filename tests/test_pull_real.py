@@ -218,3 +218,19 @@ def test_interrupted_pull_leaves_clean_store(registry, store_root, lstore, signu
     assert not [n for n in os.listdir(snapshots) if n.startswith("tmp-")]
     assert lstore("check").returncode == 0
     assert pull_json(lstore, ref)["layers"] >= 3
+
+
+def test_explicit_platform_must_match(registry, lstore):
+    ref = registry.ref("debian-nginx:oci")
+    pull_json(lstore, ref)
+
+    done = lstore.fails("pull", "--platform", "linux/arm64", ref)
+
+    assert "does not match the requested platform" in done.stderr
+    assert "linux/amd64" in done.stderr
+
+
+def test_unknown_platform_is_rejected(registry, lstore):
+    done = lstore.fails("pull", "--platform", "junk", registry.ref("busybox:latest"))
+
+    assert "invalid platform 'junk'" in done.stderr

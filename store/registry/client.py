@@ -61,7 +61,13 @@ from lstore.store.registry.settings import (
 )
 from yarl import URL
 
-from lstore.errors import AuthError, IntegrityError, RegistryError, UnsupportedError
+from lstore.errors import (
+    AuthError,
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+    UnsupportedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +158,9 @@ class RegistryClient:
 
     # Public operations.
 
-    async def resolve(self, ref: Reference, platform: Platform | None = None) -> ResolvedImage:
+    async def resolve(
+        self, ref: Reference, platform: Platform | None = None, *, strict: bool = False
+    ) -> ResolvedImage:
         """Fetch the manifest for `ref` and `platform` (default: this host) and its config.
 
         Manifests are fetched with GET so that the body decides their type. A digest in the
@@ -173,7 +181,7 @@ class RegistryClient:
         validate_image_manifest(manifest, ref=str(ref))
         config_bytes = await self.get_blob_bytes(ref, manifest.config, MAX_CONFIG_SIZE)
         config = parse_image_config(config_bytes, ref=str(ref), digest=manifest.config.digest)
-        self._check_config(ref, chosen.digest, manifest, config, platform, chosen is top)
+        self._check_config(ref, chosen.digest, manifest, config, platform, chosen is top, strict)
         index = top if isinstance(top.parsed, Index) else None
         return ResolvedImage(
             ref=ref,
@@ -305,6 +313,7 @@ class RegistryClient:
         config: ImageConfig,
         platform: Platform,
         direct: bool,
+        strict: bool = False,
     ) -> None:
         if len(config.diff_ids) != len(manifest.layers):
             raise RegistryError(
@@ -314,6 +323,14 @@ class RegistryClient:
                 digest=digest,
             )
         wrong_platform = (config.os, config.architecture) != (platform.os, platform.architecture)
+        if direct and config.os and wrong_platform and strict:
+            # An explicit --platform is a requirement, as for docker pull --platform.
+            raise NotFoundError(
+                f"image {ref} was found but does not match the requested platform: wanted "
+                f"{platform}, image is {config.platform}",
+                ref=str(ref),
+                digest=digest,
+            )
         if direct and config.os and wrong_platform:
             # A tag without an index has one platform. Docker pulls it when that differs from
             # the host's and only warns, so lstore does the same.
