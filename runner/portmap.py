@@ -207,18 +207,28 @@ def _bind_error(mapping: PortMapping, exc: OSError) -> Exception:
 
 _DNAT_LINE = re.compile(
     r"^-A LSTORE(?: -d (?P<ip>[\d.]+)/32)? -p (?P<proto>tcp|udp)\b.*?--dport (?P<port>\d+)"
+    r"(?:.*?--to-destination [\d.]+:(?P<container_port>\d+))?"
 )
 
 
 def published_ports() -> list[PortMapping]:
-    """Return the host ports that LSTORE DNAT rules forward in the current netns."""
+    """Return the ports that LSTORE DNAT rules forward in the current netns.
+
+    The container port is 0 for a rule that has no "--to-destination IP:PORT".
+    """
     result = iptables("-t", "nat", "-S", DNAT_CHAIN, check=False)
+    return parse_published(result.stdout)
+
+
+def parse_published(rules: str) -> list[PortMapping]:
+    """Parse the mappings out of `iptables -t nat -S LSTORE` output."""
     mappings = []
-    for line in result.stdout.splitlines():
+    for line in rules.splitlines():
         match = _DNAT_LINE.match(line)
         if match:
             ip, port = match.group("ip"), int(match.group("port"))
-            mappings.append(PortMapping(ip, port, 0, match.group("proto")))
+            container_port = int(match.group("container_port") or 0)
+            mappings.append(PortMapping(ip, port, container_port, match.group("proto")))
     return mappings
 
 

@@ -77,6 +77,17 @@ def test_port_rules_dnat_to_container() -> None:
     assert hairpin.spec[-1] == "MASQUERADE"
 
 
+@pytest.mark.parametrize("mapping", [
+    PortMapping("127.0.0.1", 18080, 80, "tcp"),
+    PortMapping(None, 5353, 53, "udp"),
+])
+def test_published_ports_keep_container_port(mapping: PortMapping) -> None:
+    dnat, _ = portmap.port_rules(mapping, "198.18.0.2")
+    listing = "-N LSTORE\n" + "-A LSTORE " + " ".join(dnat.spec) + "\n"
+
+    assert portmap.parse_published(listing) == [mapping]
+
+
 def test_attachment_record_round_trip() -> None:
     attachment = network.Attachment(
         "c1", "bridge", "/run/netns/lstore-c1", "lstore0", "198.18.0.2", "198.18.0.1", 24,

@@ -465,7 +465,8 @@ def test_nginx_answers_on_published_port(netns: Cli) -> None:
     conflict = netns("run", "-d", "-p", "127.0.0.1:18080:80",
                      netns.refs[NGINX])  # type: ignore[attr-defined]
     assert conflict.returncode == 125
-    assert "18080" in conflict.stderr
+    assert "host port 18080/tcp is already published" in conflict.stderr
+    assert "(127.0.0.1:18080->80/tcp)" in conflict.stderr
     netns.ok("rm", "-f", "web")
 
 
