@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from lstore.errors import LstoreError
 
@@ -21,8 +22,15 @@ from lstore.errors import LstoreError
 _COMMAND_GROUPS = ("lstore.cli_store", "lstore.cli_runner", "lstore.cli_bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like lstore's other errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lstore: error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lstore", description="Pull container images into an overlay store and run them."
     )
     parser.add_argument(

@@ -104,7 +104,8 @@ def _print_pull_result(args: argparse.Namespace, image: Any, progress: Any) -> N
             json.dumps(
                 {
                     "name": image.name,
-                    "digest": image.digest,
+                    "digest": image.index_digest or image.digest,
+                    "manifest": image.digest,
                     "id": image.config_digest,
                     "layers": len(image.layers),
                     "layers_fetched": fetched_layers,
@@ -114,11 +115,21 @@ def _print_pull_result(args: argparse.Namespace, image: Any, progress: Any) -> N
             )
         )
         return
+    # Docker shows the digest the tag points to: the index's when there is one.
+    digest = image.index_digest or image.digest
+    layers = _plural(len(image.layers), "layer")
+    if fetched_layers == 0:
+        print(f"{image.name}: {digest} ({layers}, all present, {elapsed:.2f}s)")
+        return
     rate = fetched / elapsed / 1e6 if elapsed > 0 else 0.0
     print(
-        f"{image.name}: {image.digest} ({len(image.layers)} layers, {fetched_layers} fetched, "
+        f"{image.name}: {digest} ({layers}, {fetched_layers} fetched, "
         f"{_size(fetched)} in {elapsed:.2f}s, {rate:.1f} MB/s)"
     )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class _ProgressPrinter:

@@ -234,3 +234,18 @@ def test_unknown_platform_is_rejected(registry, lstore):
     done = lstore.fails("pull", "--platform", "junk", registry.ref("busybox:latest"))
 
     assert "invalid platform 'junk'" in done.stderr
+
+
+def test_pull_reports_index_digest(registry, lstore):
+    result = pull_json(lstore, registry.ref("busybox:latest"))
+
+    assert result["digest"] == registry.digests["busybox:latest"]
+    assert result["manifest"] != result["digest"]
+
+
+def test_usage_error_is_one_line(lstore):
+    done = lstore.fails("pull")
+
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "see 'lstore pull --help'" in done.stderr
