@@ -148,6 +148,8 @@ def _split_tag(text: str, name: str) -> tuple[str, str | None]:
         return name, None
     if colon == len(name) - 1:
         _fail(text, "empty tag")
+    if colon == 0 or name[colon - 1] == "/":
+        _fail(text, "missing repository name before the tag")
     return name[:colon], name[colon + 1 :]
 
 
@@ -172,6 +174,8 @@ def _validate_registry(text: str, registry: str) -> None:
 
 
 def _validate_repository(text: str, repository: str, name: str) -> None:
+    if not name.strip():
+        _fail(text, "missing repository name")
     if _PATH.fullmatch(repository):
         # Docker rejects a bare 64-hex name because it reads like an image ID.
         if _HEX64.fullmatch(name):

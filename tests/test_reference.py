@@ -58,6 +58,9 @@ INVALID = [
     ("-host.io/app", "invalid registry"),
     ("x y", "invalid repository name"),
     ("host.io/" + "a" * 250, "longer than 255"),
+    (":tag", "missing repository name before the tag"),
+    ("host:5000/:tag", "missing repository name before the tag"),
+    (" ", "missing repository name"),
 ]
 
 
