@@ -557,8 +557,12 @@ def _exec(args: argparse.Namespace) -> int:
         return _exec_with_pty(container, process, cgroup, args.interactive)
     stdin = 0 if args.interactive else os.open(os.devnull, os.O_RDONLY)
     child = runtime.exec_process(container.pid, process, cgroup=cgroup, stdin=stdin,
-                                 stdout=1, stderr=2)
+                                 stdout=1, stderr=2, container=_label(container))
     return child.wait()
+
+
+def _label(container: Any) -> str:
+    return f"{container.name} ({container.short_id})"
 
 
 def _exec_with_pty(container: Any, process: dict, cgroup: Any, interactive: bool) -> int:
@@ -567,7 +571,7 @@ def _exec_with_pty(container: Any, process: dict, cgroup: Any, interactive: bool
     master, slave = _open_container_pty(container.pid)
     try:
         child = runtime.exec_process(container.pid, process, cgroup=cgroup, stdin=slave,
-                                     stdout=slave, stderr=slave)
+                                     stdout=slave, stderr=slave, container=_label(container))
     finally:
         os.close(slave)
     with _raw_terminal(interactive):

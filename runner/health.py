@@ -185,6 +185,7 @@ class HealthMonitor:
                 stdin=null,
                 stdout=write_end,
                 stderr=write_end,
+                container=f"{self.container.name} ({self.container.short_id})",
             )
         except Exception as exc:
             log.warning("health check of %s failed to start: %s", self.container.short_id, exc)

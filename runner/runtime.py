@@ -193,19 +193,23 @@ def exec_process(
     stdin: int = 0,
     stdout: int = 1,
     stderr: int = 2,
+    container: str | None = None,
 ) -> ContainerProcess:
     """Run `process` (an OCI process object) inside the running container `container_pid`.
 
     The new process joins every namespace of the container's init and `cgroup` before it
-    execs, and is a child of the caller. Raises ContainerError when the container is gone.
+    execs, and is a child of the caller. Raises ContainerError when the container is gone
+    or the process cannot start; its message names `container` (such as "web (0123abcd4567)"),
+    or the pid when that is None.
     """
     namespaces = _exec_namespaces(container_pid)
     stdio = (stdin, stdout, stderr)
+    label = f"container {container}" if container else f"container process {container_pid}"
     return _launch(
         lambda channel: _setup_for_exec(namespaces, process, stdio, channel),
         [cgroup, devices.of_process(container_pid)],
         None,
-        f"exec in {container_pid}",
+        f"exec in {label}",
     )
 
 

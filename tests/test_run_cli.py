@@ -362,6 +362,19 @@ def test_exec_runs_inside(cli: Cli, busybox: str) -> None:
     assert re.fullmatch(r"/dev/pts/\d+\n", cli.ok("exec", "-t", "host1", "tty"))
 
 
+def test_exec_error_names_container(cli: Cli, busybox: str) -> None:
+    container_id = cli.ok("run", "-d", "--network", "none", "--name", "workdirs", busybox,
+                          "sleep", "60").strip()
+    pid = str(cli.inspect("workdirs")["State"]["Pid"])
+    done = cli("exec", "-w", "/nonexistent", "workdirs", "pwd")
+
+    assert done.returncode != 0
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"container workdirs ({container_id[:12]})" in done.stderr
+    assert "/nonexistent: No such file or directory" in done.stderr
+    assert not re.search(rf"\b{pid}\b", done.stderr)
+
+
 def test_health_cmd_reports_healthy(cli: Cli, busybox: str) -> None:
     cli.ok("run", "-d", "--network", "none", "--name", "checked", "--health-cmd",
            "test -e /tmp/ready", "--health-interval", "0.2s", busybox,
