@@ -210,8 +210,6 @@ class HealthMonitor:
         self.probe.data = (self.probe.data + data)[:MAX_OUTPUT]
 
     def _finish(self) -> None:
-        from lstore.runner.containers import rfc3339_nano
-
         probe = self.probe
         assert probe is not None
         exit_code = probe.process.wait()

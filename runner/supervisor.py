@@ -30,7 +30,6 @@ import signal
 import sys
 import termios
 import time
-from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
