@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import IO, Any
 
-from lstore.errors import ContainerError, InvalidArgumentError, LstoreError
+from lstore.errors import ContainerError, InvalidArgumentError, LstoreError, StoreError
 from lstore.runner import containers
 from lstore.runner.containers import Container
 from lstore.runner.options import RunOptions
+from lstore.runner.spec import DEFAULT_USERNS_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ KILL_WAIT = 10.0
 TEARDOWN_WAIT = 30.0
 # How often `wait` reads the record while the container runs.
 POLL_INTERVAL = 0.02
+
+# Host ids of container uid and gid 0 with --userns, and how many ids are mapped.
+USERNS_RANGE = DEFAULT_USERNS_RANGE
 
 
 # ---------------------------------------------------------------------------- signals
@@ -122,23 +126,9 @@ def _new_record(store: Any, options: RunOptions, image: Any, stop_signal: int) -
 def _prepare(store: Any, container: Container, options: RunOptions, image: Any) -> Container:
     from lstore.runner import cgroups, network, volumes
     from lstore.runner.spec import build_spec
-    from lstore.store.overlay import mount_overlay
 
     meta = store.meta
-    for sub in ("work", "bundle/rootfs"):
-        os.makedirs(os.path.join(container.path, sub), mode=0o700)
-
-    # The overlay's root directory takes the upper directory's mode, and a container user
-    # other than root must be able to traverse "/".
-    upper = os.path.join(container.path, "upper")
-    os.mkdir(upper)
-    os.chmod(upper, 0o755)
-    mount_overlay(
-        container.rootfs,
-        image.layer_dirs,
-        os.path.join(container.path, "upper"),
-        os.path.join(container.path, "work"),
-    )
+    _mount_rootfs(store, container, options, image.layer_dirs)
     container = containers.update(meta, container.id, mounted=True)
 
     resources = cgroups.resources_from_options(
@@ -158,10 +148,11 @@ def _prepare(store: Any, container: Container, options: RunOptions, image: Any) 
     container = containers.update(meta, container.id, network=_network_record(attachment))
 
     hostname = options.hostname or container.short_id
+    owner = _mapped_root(options)
     mounts = volumes.prepare_mounts(
-        meta, store.volumes_dir, options.volumes, options.tmpfs, container.rootfs
+        meta, store.volumes_dir, options.volumes, options.tmpfs, container.rootfs, owner=owner
     )
-    mounts += _etc_mounts(container, options, hostname, attachment)
+    mounts += _etc_mounts(container, options, hostname, attachment, owner)
     if options.init:
         mounts.append(_bind(INIT_BINARY, INIT_PATH, readonly=True))
 
@@ -175,6 +166,7 @@ def _prepare(store: Any, container: Container, options: RunOptions, image: Any) 
         cgroups_path=cgroup.spec_path,
         resources=resources,
         layer_dirs=image.layer_dirs,
+        userns_range=USERNS_RANGE,
     )
     if options.init:
         spec["process"]["args"] = [INIT_PATH, "--", *spec["process"]["args"]]
@@ -187,6 +179,55 @@ def _prepare(store: Any, container: Container, options: RunOptions, image: Any) 
         args=spec["process"]["args"],
         config=_inspect_config(options, image.config, spec, hostname, container.stop_signal),
     )
+
+
+def _mount_rootfs(store: Any, container: Container, options: RunOptions,
+                  layer_dirs: list[str]) -> None:
+    """Mount the container's overlay; with --userns, on idmapped layers (runner/idmap.py)."""
+    from lstore.store.overlay import mount_overlay
+
+    for sub in ("work", "bundle/rootfs"):
+        os.makedirs(os.path.join(container.path, sub), mode=0o700)
+
+    # The overlay's root directory takes the upper directory's mode, and a container user
+    # other than root must be able to traverse "/".
+    upper = os.path.join(container.path, "upper")
+    work = os.path.join(container.path, "work")
+    os.mkdir(upper)
+    os.chmod(upper, 0o755)
+    if not options.userns:
+        mount_overlay(container.rootfs, layer_dirs, upper, work)
+        return
+
+    idmapped = _prepare_userns_layers(store, container, upper, work, layer_dirs)
+    try:
+        mount_overlay(container.rootfs, idmapped, upper, work)
+    except StoreError as exc:
+        raise ContainerError(
+            f"{exc}; --userns needs overlayfs that takes idmapped lower layers "
+            "(Linux 5.19 or later)",
+            path=container.rootfs,
+        ) from exc
+
+
+def _prepare_userns_layers(store: Any, container: Container, upper: str, work: str,
+                           layer_dirs: list[str]) -> list[str]:
+    """Give the mapped root the container's directories; return idmapped layer mounts."""
+    from lstore.runner import idmap
+
+    # The runtime looks up the rootfs path as the mapped root, inside the user namespace.
+    idmap.make_searchable([store.containers_dir, container.path, container.bundle])
+    idmap.check_searchable(store.containers_dir, USERNS_RANGE)
+
+    host_id = USERNS_RANGE[0]
+    for directory in (upper, work):
+        os.chown(directory, host_id, host_id)
+    return idmap.mount_layers(container.path, layer_dirs, USERNS_RANGE)
+
+
+def _mapped_root(options: RunOptions) -> tuple[int, int] | None:
+    """Return the host uid and gid of container root with --userns, else None."""
+    return (USERNS_RANGE[0], USERNS_RANGE[0]) if options.userns else None
 
 
 def _network_record(attachment: Any) -> dict[str, Any]:
@@ -204,9 +245,16 @@ def _network_record(attachment: Any) -> dict[str, Any]:
 
 
 def _etc_mounts(
-    container: Container, options: RunOptions, hostname: str, attachment: Any
+    container: Container,
+    options: RunOptions,
+    hostname: str,
+    attachment: Any,
+    owner: tuple[int, int] | None,
 ) -> list[dict[str, Any]]:
-    """Write /etc/hosts, /etc/hostname and /etc/resolv.conf into the container directory."""
+    """Write /etc/hosts, /etc/hostname and /etc/resolv.conf into the container directory.
+
+    `owner` (the mapped root with --userns) gets the files, so container root may edit them.
+    """
     from lstore.runner import etcfiles, resolvconf
 
     if options.network == "host":
@@ -223,6 +271,8 @@ def _etc_mounts(
         path = os.path.join(container.path, name)
         with open(path, "w") as handle:
             handle.write(text)
+        if owner is not None:
+            os.chown(path, *owner)
         mounts.append(_bind(path, "/etc/" + name, readonly=options.read_only))
     return mounts
 
@@ -539,12 +589,12 @@ def remove(meta: Any, container: Container, *, force: bool = False,
 
 
 def release(meta: Any, container: Container) -> None:
-    """Release what a stopped container holds: network, cgroup, overlay mount.
+    """Release what a stopped container holds: network, cgroup, overlay and idmapped mounts.
 
     Idempotent: each step skips what is already gone. Raises on the first failing step;
     running it again retries that step.
     """
-    from lstore.runner import network
+    from lstore.runner import idmap, network
     from lstore.store.overlay import unmount
 
     network.detach(meta, container.id)
@@ -557,6 +607,7 @@ def release(meta: Any, container: Container) -> None:
     if cgroup is not None:
         cgroup.destroy()
     unmount(container.rootfs)
+    idmap.unmount_layers(container.path)  # after the overlay, which keeps them busy
     if container.mounted:
         try:
             containers.update(meta, container.id, mounted=False)

@@ -124,13 +124,16 @@ def prepare_mounts(
     specs: list[str],
     tmpfs: list[str],
     image_rootfs: str | list[str],
+    owner: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Return the OCI mounts for `-v` and `--tmpfs` values, creating and filling volumes.
 
     `image_rootfs` is the container's merged root directory, or the image's layer
     directories (bottom layer first), read with overlay whiteout and opaque rules. A
-    missing bind source raises NotFoundError; a destination used twice raises
-    InvalidArgumentError. Volumes created before an error stay, as docker keeps them.
+    volume created here gets `owner` (uid, gid) for its _data directory, as a --userns
+    container needs; bind mount sources stay as they are. A missing bind source raises
+    NotFoundError; a destination used twice raises InvalidArgumentError. Volumes created
+    before an error stay, as docker keeps them.
     """
     parsed = [parse_volume(spec) for spec in specs]
     tmpfs_mounts = [parse_tmpfs(spec) for spec in tmpfs]
@@ -141,7 +144,7 @@ def prepare_mounts(
         if volume.kind == "bind":
             mounts.append(_bind_mount(volume))
         else:
-            mounts.append(_volume_mount(meta, volumes_dir, volume, image_rootfs))
+            mounts.append(_volume_mount(meta, volumes_dir, volume, image_rootfs, owner))
     return mounts + tmpfs_mounts
 
 
@@ -173,12 +176,16 @@ def _bind_mount(volume: VolumeSpec) -> dict[str, Any]:
 
 
 def _volume_mount(
-    meta: Meta, volumes_dir: str, volume: VolumeSpec, image_rootfs: str | list[str]
+    meta: Meta,
+    volumes_dir: str,
+    volume: VolumeSpec,
+    image_rootfs: str | list[str],
+    owner: tuple[int, int] | None,
 ) -> dict[str, Any]:
     name = volume.source or secrets.token_hex(32)
     fill_from = None if "nocopy" in volume.options else (image_rootfs, volume.destination)
     data = ensure_volume(meta, volumes_dir, name, anonymous=volume.source is None,
-                         fill_from=fill_from)  # fmt: skip
+                         fill_from=fill_from, owner=owner)  # fmt: skip
     return {
         "destination": volume.destination,
         "type": "bind",
@@ -208,13 +215,16 @@ def ensure_volume(
     *,
     anonymous: bool = False,
     fill_from: tuple[str | list[str], str] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> str:
     """Create volume `name` unless it exists, fill it on first use, return its _data path.
 
     `fill_from` is (image rootfs, path in the image). The fill is copied into a temporary
     directory and renamed over the empty _data, so a crash never leaves a half-filled
-    volume marked as filled. Safe to run concurrently: a lock on the volume directory
-    serializes creation and filling.
+    volume marked as filled. `owner` (uid, gid) gets the _data directory of a volume
+    created by this call; the fill then copies the image directory's owner over it.
+    Safe to run concurrently: a lock on the volume directory serializes creation and
+    filling.
     """
     if not _VOLUME_NAME.fullmatch(name):
         raise InvalidArgumentError(f"invalid volume name {name!r}: use letters, digits, _ . -")
@@ -223,7 +233,11 @@ def ensure_volume(
     os.makedirs(data, exist_ok=True)
 
     with _volume_lock(volume_dir):
-        record = _read_record(meta, name) or _new_record(name, data, anonymous)
+        record = _read_record(meta, name)
+        if record is None:
+            record = _new_record(name, data, anonymous)
+            if owner is not None:
+                os.chown(data, *owner)
         if not record["populated"] and fill_from is not None:
             _fill(volume_dir, data, *fill_from)
         record["populated"] = record["populated"] or fill_from is not None
