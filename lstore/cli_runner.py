@@ -111,7 +111,9 @@ def _register_run(subparsers: argparse._SubParsersAction) -> None:
         help="network mode (default: bridge)")
     add("-p", "--publish", action="append", default=[],
         help="publish a port: [ip:]hostPort:containerPort[/proto]")
-    add("--subnet", help="CIDR of the bridge network when lstore first creates it")
+    add("--subnet", help="join the bridge network with this IPv4 subnet, such as "
+        "198.18.7.0/24; each new subnet gets its own bridge (lstore1, lstore2, ...), "
+        "which stays for later runs")
     add("-v", "--volume", action="append", default=[], help="name:/path[:ro] or /host:/path[:ro]")
     add("--tmpfs", action="append", default=[], help="mount a tmpfs: /path[:options]")
     add("--read-only", action="store_true", help="mount the root filesystem read-only")

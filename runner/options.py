@@ -111,5 +111,6 @@ class RunOptions:
     """--stop-timeout in seconds before SIGKILL follows the stop signal; None means 10."""
 
     subnet: str | None = None
-    """--subnet: CIDR for the bridge network when it is first created; None means a free
-    subnet from 198.18.0.0/15."""
+    """--subnet: CIDR of the bridge network to join. Each subnet has its own network and bridge
+    (lstore1, lstore2, ...), created on first use and kept. None means the default network
+    lstore0, with a free subnet from 198.18.0.0/15."""

@@ -496,6 +496,30 @@ def test_containers_reach_each_other(netns: Cli) -> None:
     netns.ok("rm", "-f", "server")
 
 
+def _bridges_with(netns: Cli, gateway: str) -> list[str]:
+    listing = _in_netns(netns, "ip", "-o", "-4", "addr", "show").stdout
+    return [line.split()[1] for line in listing.splitlines() if f" {gateway}/" in line]
+
+
+def test_subnet_gets_own_bridge(netns: Cli) -> None:
+    busybox = netns.refs[BUSYBOX]  # type: ignore[attr-defined]
+    help_text = " ".join(netns.ok("run", "--help").split())
+    assert "each new subnet gets its own bridge" in help_text
+
+    outputs = [netns.ok("run", "--rm", "--subnet", subnet, busybox, "ip", "-4", "-o", "addr",
+                        "show", "eth0")
+               for subnet in ("198.18.77.0/24", "198.18.78.0/24", "198.18.77.0/24")]
+
+    assert " 198.18.77." in outputs[0]
+    assert " 198.18.78." in outputs[1]
+    assert " 198.18.77." in outputs[2]
+    first, second = _bridges_with(netns, "198.18.77.1"), _bridges_with(netns, "198.18.78.1")
+    assert len(first) == 1, first
+    assert len(second) == 1, second
+    assert first != second
+    assert first[0].startswith("lstore")
+
+
 def test_rm_leaves_nothing_behind(netns: Cli) -> None:
     busybox = netns.refs[BUSYBOX]  # type: ignore[attr-defined]
     done = netns("run", "--rm", "-p", "127.0.0.1:18081:8080", busybox, "true")
