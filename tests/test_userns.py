@@ -159,6 +159,7 @@ def test_userns_rm_leaves_no_mounts(cli: Cli, busybox: str, runtime: str) -> Non
 
     assert os.path.join(path, "bundle", "rootfs") in mounted
     assert os.path.join(path, "idmapped", "0") in mounted
+    assert cli.ok("exec", "mounted", "sh", "-c", "id -u; touch /etc/x && echo ok") == "0\nok\n"
     cli.ok("rm", "-f", "mounted")
     assert _mounts_under(cli.root) == []
     assert not os.path.exists(path)
