@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20
 
 # Maximum uncompressed bytes one inflate call may return, so that a small gzip blob that inflates
-# to gigabytes (deflate reaches about 1000:1) never sits in memory at once.
-_GZIP_MAX_OUTPUT = 4 << 20
+# to gigabytes (deflate reaches about 1000:1) never sits in memory at once. 1 MiB pulled the
+# debian-nginx image as fast as 4 MiB did and lowered the peak RSS of a 1 GB pull from about
+# 130 MB to 86 MB (bench/, 2-core VM).
+_GZIP_MAX_OUTPUT = 1 << 20
 
 # zstandard's decompressobj has no output cap, and an RLE block turns 4 input bytes into up to
 # 128 KiB. Feeding 8 KiB slices bounds one call's output to 256 MiB even for a hostile blob.
