@@ -21,6 +21,19 @@ from lstore.errors import LstoreError
 # this checkout is skipped, so the store commands work without the runner.
 _COMMAND_GROUPS = ("lstore.cli_store", "lstore.cli_runner", "lstore.cli_bench")
 
+# The groups a command needs, so that a command imports only its own group; anything else
+# (help, an unknown command) loads them all. `inspect` takes images and containers.
+_STORE_COMMANDS = ("pull", "images", "rmi", "df", "gc", "check", "mount", "umount")
+_RUNNER_COMMANDS = ("run", "ps", "logs", "stop", "kill", "rm", "wait", "stats", "volume", "exec")
+_GROUPS_BY_COMMAND = {
+    **{name: ("lstore.cli_store",) for name in _STORE_COMMANDS},
+    **{name: ("lstore.cli_runner",) for name in _RUNNER_COMMANDS},
+    "inspect": ("lstore.cli_store", "lstore.cli_runner"),
+    "bench": ("lstore.cli_bench",),
+}
+# Global options that take a value, skipped when looking for the command name.
+_VALUE_OPTIONS = ("--root", "--log-level")
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line, like lstore's other errors."""
@@ -29,7 +42,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lstore: error: {self.prog}: {message}; see '{self.prog} --help'\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_name(argv: list[str]) -> str | None:
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lstore", description="Pull container images into an overlay store and run them."
     )
@@ -45,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how much to log to stderr (default: warning)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in _COMMAND_GROUPS:
+    command = _command_name(sys.argv[1:] if argv is None else argv)
+    for module_name in _GROUPS_BY_COMMAND.get(command or "", _COMMAND_GROUPS):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -61,7 +87,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
