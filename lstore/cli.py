@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         format="lstore: %(levelname)s: %(name)s: %(message)s",
     )
     # SIGTERM stops a command the way Ctrl-C does, so pulls clean up their temporary
-    # directories; commands that forward signals (run, logs -f) install their own handlers.
+    # directories. Commands that forward signals (run, logs -f) install their own handlers.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.handler(args) or 0)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:
         # Errors of the store's files or of the kernel that no module turned into an
-        # LstoreError; the path tells the user where to look.
+        # LstoreError. The path shows the user where to look.
         where = f": {exc.filename}" if exc.filename else ""
         hint = ""
         if exc.errno == errno.ENOSPC:

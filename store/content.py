@@ -30,9 +30,9 @@ class BlobInfo:
 class ContentStore:
     """Blobs under ROOT/blobs and partial downloads under ROOT/ingest.
 
-    Methods are safe to call from several threads and processes at once: writers of the same
-    blob are serialised by the caller's blob lock (see store/locks.py), and a commit is a
-    rename, so readers see either no blob or the whole verified one.
+    Methods are safe to call from several threads and processes at once. Writers of the same
+    blob are serialised by the caller's blob lock (see store/locks.py). A commit is a rename,
+    so readers see either no blob or the whole verified one.
     """
 
     def __init__(self, root: str, meta: Meta) -> None:
@@ -121,7 +121,7 @@ class ContentStore:
         actual_size = os.stat(source).st_size
         if actual_size != size:
             raise IntegrityError(
-                f"blob {digest} has {actual_size} bytes, descriptor says {size}",
+                f"blob {digest} has {actual_size} bytes, but its descriptor expects {size}",
                 digest=digest,
                 expected=str(size),
                 actual=str(actual_size),

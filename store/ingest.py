@@ -2,8 +2,8 @@
 
 Fetchers (the registry client, on the event loop) write byte ranges with `write_at`, possibly
 several ranges at once and out of order. The consumer (the unpack thread) reads the blob from
-the start through `reader()`, which blocks until the contiguous prefix covers what it asks
-for. So unpacking overlaps the download, and the digest is computed by the consumer over the
+the start through `reader()`, which blocks until the contiguous prefix covers the requested
+bytes. So unpacking overlaps the download, and the digest is computed by the consumer over the
 exact bytes that end up in the file.
 
 Bytes below the contiguous prefix are never written again: the consumer may already have hashed
