@@ -250,21 +250,25 @@ def _run(args: argparse.Namespace) -> int:
         store = _open_store(args)
         image = _find_or_pull(store, args)
         container = lifecycle.create(store, options, image)
-        started = lifecycle.start(store.root, container, attach=not options.detach)
+        if options.detach:
+            lifecycle.start(store.root, container, attach=False).sync.close()
+            print(container.id)
+            return 0
+        # Raw before the start, so the container's first output is not cooked by this
+        # terminal; restored before an error is printed.
+        with _raw_terminal(options.tty and options.interactive):
+            return _run_attached(store.root, container, options.tty)
     except LstoreError as exc:
         _error(str(exc))
         return RUN_ERROR_EXIT
 
-    if options.detach:
-        started.sync.close()
-        print(container.id)
-        return 0
-    with _raw_terminal(options.tty and options.interactive), _proxy_signals(started):
-        try:
-            return started.finish()
-        except LstoreError as exc:
-            _error(str(exc))
-            return RUN_ERROR_EXIT
+
+def _run_attached(root: str, container: Any, tty: bool) -> int:
+    from lstore.runner import lifecycle
+
+    started = lifecycle.start(root, container, attach=True)
+    with _proxy_signals(started, tty):
+        return started.finish()
 
 
 def _find_or_pull(store: Any, args: argparse.Namespace) -> Any:
@@ -298,8 +302,12 @@ def _raw_terminal(wanted: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _proxy_signals(started: Any) -> Iterator[None]:
-    """Pass signals this process receives to the supervisor, which passes them on."""
+def _proxy_signals(started: Any, tty: bool) -> Iterator[None]:
+    """Pass signals this process receives to the supervisor, which passes them on.
+
+    With a tty, SIGWINCH goes too: the supervisor then copies this terminal's new size to
+    the container's pty.
+    """
     try:
         pidfd = os.pidfd_open(started.supervisor_pid)
     except ProcessLookupError:
@@ -312,7 +320,12 @@ def _proxy_signals(started: Any) -> Iterator[None]:
         except ProcessLookupError:
             pass
 
-    previous = {signum: signal.signal(signum, forward) for signum in PROXIED_SIGNALS}
+    proxied = PROXIED_SIGNALS + ((signal.SIGWINCH,) if tty else ())
+    previous = {signum: signal.signal(signum, forward) for signum in proxied}
+    if tty:
+        # The size may have changed since the supervisor read it; an unchanged size
+        # sends the container no SIGWINCH.
+        forward(signal.SIGWINCH, None)
     try:
         yield
     finally:
@@ -553,6 +566,9 @@ def _exec(args: argparse.Namespace) -> int:
                                    ref=container.id)
     process = lifecycle.exec_spec(container, args.command, env=args.env, user=args.user,
                                   workdir=args.workdir, tty=args.tty)
+    if args.tty and not any(entry.startswith("TERM=") for entry in process.get("env", [])):
+        # As docker exec -t does; the container's own TERM (image or run -e) wins.
+        process["env"] = [*process.get("env", []), "TERM=xterm"]
     cgroup = lifecycle.open_cgroup(container)
 
     if args.tty:
@@ -568,15 +584,18 @@ def _label(container: Any) -> str:
 
 
 def _exec_with_pty(container: Any, process: dict, cgroup: Any, interactive: bool) -> int:
-    from lstore.runner import runtime
+    from lstore.runner import runtime, terminal
 
     master, slave = _open_container_pty(container.pid)
+    size = terminal.first_window_size(0, 1)
+    if size is not None:
+        terminal.set_window_size(slave, size)
     try:
         child = runtime.exec_process(container.pid, process, cgroup=cgroup, stdin=slave,
                                      stdout=slave, stderr=slave, container=_label(container))
     finally:
         os.close(slave)
-    with _raw_terminal(interactive):
+    with _raw_terminal(interactive), _resize_on_sigwinch(master):
         _copy_pty(master, 0 if interactive else None)
     os.close(master)
     return child.wait()
@@ -588,29 +607,30 @@ def _open_container_pty(pid: int) -> tuple[int, int]:
     A pty from the host's devpts works as a terminal too, but ttyname() inside the container
     cannot find its /dev/pts entry, so that is the fallback only.
     """
-    import fcntl
-    import struct
+    from lstore.runner import terminal
 
-    devices = f"/proc/{pid}/root/dev"
     try:
-        # /dev/ptmx in a container is a relative symlink to pts/ptmx, or the node itself.
-        master = os.open(f"{devices}/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        master, slave, _ = terminal.open_pty(f"/proc/{pid}/root/dev/pts")
     except OSError:
-        return os.openpty()
-    try:
-        fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
-        number = struct.unpack("I", fcntl.ioctl(master, _TIOCGPTN, b"\0" * 4))[0]
-        slave = os.open(f"{devices}/pts/{number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        os.close(master)
         return os.openpty()
     return master, slave
 
 
-# Unlock a pty and get its number (linux/include/uapi/asm-generic/ioctls.h); Python's
-# termios module lacks both.
-_TIOCSPTLCK = 0x40045431
-_TIOCGPTN = 0x80045430
+@contextmanager
+def _resize_on_sigwinch(master: int) -> Iterator[None]:
+    """Copy this terminal's size to the pty at `master` whenever it changes."""
+    from lstore.runner import terminal
+
+    def resize(_signum: int, _frame: Any) -> None:
+        size = terminal.first_window_size(0, 1)
+        if size is not None:
+            terminal.set_window_size(master, size)
+
+    previous = signal.signal(signal.SIGWINCH, resize)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
 
 
 def _copy_pty(master: int, stdin: int | None) -> None:

@@ -27,6 +27,7 @@ from lstore.runner.nsutil import (
     MS_REMOUNT,
     resolve_in_root,
 )
+from lstore.runner.terminal import open_pty
 
 # The nodes every container gets in /dev: name -> (major, minor), as runc creates them.
 DEFAULT_DEVICES: dict[str, tuple[int, int]] = {
@@ -65,23 +66,26 @@ def prepare(
     root: str,
     *,
     in_userns: bool,
-    console: str | None,
-) -> None:
+    terminal: bool = False,
+) -> tuple[int, int, str] | None:
     """Build the container's mounts under `root`, pivot into it and lock it down.
 
-    `console` is the host path of the terminal to bind at /dev/console. A missing working
-    directory is created, owned by root as docker does. Raises SetupError naming the mount
-    or path that failed.
+    With `terminal`, returns (master, slave, slave path) of a new pty from the container's
+    devpts, with the slave bound at /dev/console (OCI config-linux.md, "Default Devices");
+    else None.
+    A missing working directory is created, owned by root as docker does. Raises
+    SetupError naming the mount or path that failed.
     """
     _mount(None, "/", None, _root_propagation(spec))
     _mount(root, root, None, MS_BIND | MS_REC)
 
     for entry in spec.get("mounts") or []:
         mount_entry(root, entry, in_userns=in_userns)
+    console = open_console(root) if terminal else None
     if _has_dev_tmpfs(spec):
         create_devices(root, spec.get("linux", {}).get("devices") or [], in_userns=in_userns)
         if console:
-            _bind_file(console, resolve_in_root(root, "/dev/console"))
+            _bind_file(console[2], resolve_in_root(root, "/dev/console"))
     _make_workdir(root, spec["process"].get("cwd") or "/")
 
     pivot(root)
@@ -92,6 +96,24 @@ def prepare(
         mask_path(path)
     for path in spec.get("linux", {}).get("readonlyPaths") or []:
         readonly_path(path)
+    return console
+
+
+def open_console(root: str) -> tuple[int, int, str]:
+    """Open a pty in the devpts instance at `root`/dev/pts; return (master, slave, path).
+
+    A root filesystem without its own devpts gets a pty of the caller's devpts instead.
+    The process that calls this exits on error, which closes what it opened.
+    """
+    devpts = resolve_in_root(root, "/dev/pts")
+    try:
+        # Every devpts instance has a ptmx node; a plain directory from the image has none.
+        if os.path.exists(os.path.join(devpts, "ptmx")):
+            return open_pty(devpts)
+        master, slave = os.openpty()
+        return master, slave, os.ttyname(slave)
+    except OSError as exc:
+        raise SetupError(f"cannot open a terminal in {devpts}: {exc.strerror}") from exc
 
 
 def _root_propagation(spec: dict[str, Any]) -> int:

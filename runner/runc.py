@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 
@@ -68,6 +69,13 @@ class RuncProcess(ContainerProcess):
         )
         if result.returncode != 0:
             log.debug("runc kill %s %d failed: %s", self._container_id, sig, result.stderr.strip())
+
+
+    def terminal_resized(self) -> None:
+        # `runc run` with a terminal copies between its stdin and the container's pty, and
+        # on SIGWINCH gives that pty the size of its stdin.
+        if self.poll() is None:
+            self._process.send_signal(signal.SIGWINCH)
 
 
 def _returncode(code: int) -> int:

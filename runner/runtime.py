@@ -23,13 +23,14 @@ import logging
 import os
 import resource
 import signal
+import socket
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lstore.errors import ContainerError, InvalidArgumentError
-from lstore.runner import capabilities, devices, nsutil, rootfs
+from lstore.runner import capabilities, devices, nsutil, rootfs, terminal
 
 if TYPE_CHECKING:
     from lstore.runner.cgroups import Cgroup
@@ -55,9 +56,14 @@ _HIGH_FD = 10  # pipes move at or above this, clear of the stdio descriptors 0-2
 
 
 class ContainerProcess:
-    """A started container process: its host pid, its exit code and signal delivery."""
+    """A started container process: its host pid, its exit code and signal delivery.
+
+    `console` is the master of the container's terminal when the runtime created one in
+    the container (the built-in runtime with process.terminal); the caller owns it.
+    """
 
     pid: int
+    console: int | None = None
 
     def wait(self) -> int:
         """Block until the process exits; return its exit code, 128+N when signal N killed it."""
@@ -70,6 +76,13 @@ class ContainerProcess:
     def signal(self, sig: int) -> None:
         """Send `sig` to the process; does nothing once it has exited."""
         raise NotImplementedError
+
+    def terminal_resized(self) -> None:
+        """Tell the runtime that the caller changed the size of the container's pty.
+
+        Nothing to do when the pty is the container's own: the kernel sends SIGWINCH to
+        its foreground process group.
+        """
 
 
 def _exit_code(status: int) -> int:
@@ -138,6 +151,7 @@ def start(
     stderr: int = 2,
     cgroup: Cgroup | None = None,
     runc_root: str = DEFAULT_RUNC_ROOT,
+    console_size: tuple[int, int] | None = None,
 ) -> ContainerProcess:
     """Start the container described by BUNDLE/config.json and return its init process.
 
@@ -147,10 +161,19 @@ def start(
     cgroup at linux.cgroupsPath itself and `cgroup` is not used. Raises ContainerError when
     the container cannot be set up; the caller then owns nothing new except the mounts and
     the cgroup it made itself.
+
+    With process.terminal, the built-in runtime opens a pty in the container's devpts, as
+    runc does with --console-socket. The program gets the slave as stdin, stdout and
+    stderr, so the stdio arguments are unused. The pty gets `console_size` (rows, columns)
+    when given, and the returned process's `console` is the master. runc instead copies
+    between its own pty and the stdio arguments. For runc, `console_size` goes into
+    config.json as process.consoleSize, which runc applies before the program starts.
     """
     bundle_dir = os.path.abspath(bundle_dir)
     spec = load_spec(bundle_dir)
     stdio = (stdin, stdout, stderr)
+    if console_size is not None:
+        spec["process"]["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
     if runtime == "runc":
         from lstore.runner import runc
 
@@ -161,18 +184,41 @@ def start(
                 "linux.cgroupsPath, which runc needs",
                 path=bundle_dir,
             )
-
+        if console_size is not None:
+            _write_spec(bundle_dir, spec)
         return runc.start(bundle_dir, container_id, stdio, runc_root)
     if runtime != "builtin":
         raise InvalidArgumentError(f"unknown runtime {runtime!r}: use 'builtin' or 'runc'")
 
+    return _start_builtin(spec, bundle_dir, container_id, stdio, cgroup)
+
+
+def _write_spec(bundle_dir: str, spec: dict[str, Any]) -> None:
+    """Replace BUNDLE/config.json atomically (write a temporary file, then rename)."""
+    path = os.path.join(bundle_dir, "config.json")
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as config:
+        json.dump(spec, config, indent=2)
+    os.replace(temporary, path)
+
+
+def _start_builtin(
+    spec: dict[str, Any],
+    bundle_dir: str,
+    container_id: str,
+    stdio: tuple[int, int, int],
+    cgroup: Cgroup | None,
+) -> ContainerProcess:
     plan = _plan_start(spec, bundle_dir)
     linux = spec.get("linux") or {}
     device_cgroup = devices.create(
         linux.get("cgroupsPath") or "", (linux.get("resources") or {}).get("devices") or []
     )
+    # The init sends the master of the terminal it opens over this pair (SCM_RIGHTS).
+    console_ends = socket.socketpair() if spec["process"].get("terminal") else None
+    plan.console_socket = console_ends[1] if console_ends else None
     try:
-        return _launch(
+        process = _launch(
             lambda channel: _setup_for_start(plan, stdio, channel),
             [cgroup, device_cgroup],
             plan.id_maps,
@@ -182,7 +228,36 @@ def start(
     except BaseException:
         if device_cgroup is not None:
             device_cgroup.remove()
+        if console_ends is not None:
+            console_ends[0].close()
         raise
+    finally:
+        if console_ends is not None:
+            console_ends[1].close()
+
+    if console_ends is not None:
+        process.console = _receive_console(console_ends[0], process, container_id)
+    return process
+
+
+def _receive_console(receiver: socket.socket, process: ForkedProcess, container_id: str) -> int:
+    """Take the terminal master that the init sent before its exec; closes `receiver`.
+
+    The init sends the master before it execs, and the exec has happened once _launch
+    returns, so the master is already queued and a non-blocking receive finds it.
+    """
+    with receiver:
+        receiver.setblocking(False)
+        try:
+            _, fds, _, _ = socket.recv_fds(receiver, 16, 1)
+        except BlockingIOError:
+            fds = []
+    if fds:
+        return fds[0]
+
+    process.signal(signal.SIGKILL)
+    process.wait()
+    raise ContainerError(f"the init of container {container_id} sent no terminal master")
 
 
 def exec_process(
@@ -225,6 +300,7 @@ class _StartPlan:
     new_userns: bool = False
     new_uts: bool = False
     id_maps: tuple[str, str] | None = None  # uid_map and gid_map text for a new userns
+    console_socket: socket.socket | None = None  # where the init sends its terminal master
 
 
 def _plan_start(spec: dict[str, Any], bundle_dir: str) -> _StartPlan:
@@ -478,7 +554,7 @@ def _setup_for_exec(
         return
     try:
         channel.wait_for_parent()
-        _start_session(process)
+        _start_session(controlling_terminal=bool(process.get("terminal")))
         _enter_workdir(process.get("cwd") or "/")
         _run_process(process)
     except BaseException as exc:  # noqa: BLE001 - the process must never return
@@ -550,13 +626,17 @@ def _become_root() -> None:
 def _container_init(plan: _StartPlan, channel: _Channel) -> None:
     channel.wait_for_parent()
     process = plan.spec["process"]
-    _start_session(process)
+    _start_session(controlling_terminal=False)
 
-    console = os.ttyname(0) if process.get("terminal") else None
+    terminal_wanted = bool(process.get("terminal"))
     try:
-        rootfs.prepare(plan.spec, plan.root, in_userns=plan.new_userns, console=console)
+        console = rootfs.prepare(
+            plan.spec, plan.root, in_userns=plan.new_userns, terminal=terminal_wanted
+        )
     except rootfs.SetupError as exc:
         raise ContainerError(str(exc)) from exc
+    if console is not None:
+        _attach_console(console, process, plan.console_socket)
     if plan.new_uts and plan.spec.get("hostname"):
         nsutil.sethostname(plan.spec["hostname"])
 
@@ -564,10 +644,29 @@ def _container_init(plan: _StartPlan, channel: _Channel) -> None:
     _run_process(process)
 
 
-def _start_session(process: dict[str, Any]) -> None:
+def _attach_console(
+    console: tuple[int, int, str], process: dict[str, Any], sender: socket.socket | None
+) -> None:
+    """Make the pty slave stdio and controlling terminal; send the master to the caller."""
+    master, slave, _ = console
+    size = process.get("consoleSize")
+    if size:
+        terminal.set_window_size(slave, (size["height"], size["width"]))
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    os.close(slave)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    if sender is None:
+        raise ContainerError("process.terminal is set but no console socket was given")
+    socket.send_fds(sender, [b"m"], [master])
+    os.close(master)
+
+
+def _start_session(*, controlling_terminal: bool) -> None:
     nsutil.set_cloexec_from(3)
     os.setsid()
-    if process.get("terminal"):
+    if controlling_terminal:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 

@@ -6,7 +6,8 @@ The CLI starts it in a new session (setsid), and it forks once more at once, so 
 neither the CLI's child nor a session leader that could acquire a controlling terminal. It
 owns the container's stdio and copies stdout and stderr (or the pty master) into the
 json-file log and to the attached client's descriptors. It forwards the signals it receives
-to the container's PID 1, runs health checks, and records the exit in LMDB. Afterwards it
+to the container's PID 1, except SIGWINCH, on which it copies the client's terminal size to
+the container's pty. It runs health checks and records the exit in LMDB. Afterwards it
 releases the network, the cgroup and the overlay mount, and with --rm removes the container.
 
 The sync descriptor tells the CLI what happened, one line each:
@@ -21,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import logging
 import os
 import select
 import selectors
 import signal
 import sys
-import termios
 import time
 from typing import Any
+
+from lstore.runner import terminal
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+
+# SIGWINCH tells the supervisor that the attached client's terminal changed size; it is not
+# forwarded but copied to the container's pty, whose kernel side signals the program inside.
+RESIZE_SIGNAL = signal.SIGWINCH
 
 # When PID 1 exits the kernel kills the rest of its PID namespace, so the output pipes reach
 # EOF almost at once. A process outside the namespace with a copy of a pipe (one passed on
@@ -89,25 +94,40 @@ class ContainerStdio:
 
     Without a tty, stdout and stderr are pipes and stdin is the client's stdin (-i), a pipe
     that stays open (-d -i, as docker keeps stdin open), or /dev/null. With a tty, all three
-    are the pty's slave and the supervisor keeps the master.
+    are a pty's slave and the supervisor keeps the master. The built-in runtime opens that
+    pty in the container's devpts and hands back the master (`adopt_console`), so the child
+    ends are /dev/null until then. For runc the supervisor opens the pty itself.
     """
 
-    def __init__(self, tty: bool, interactive: bool, attachment: Attachment) -> None:
+    def __init__(
+        self, tty: bool, interactive: bool, attachment: Attachment, runtime_console: bool
+    ) -> None:
         self.readers: dict[int, str] = {}  # supervisor's read end -> stream name
         self.master: int | None = None
         self.keep_open: int | None = None
         self.child: list[int] = []
-        if tty:
-            self._open_pty(attachment)
+        self.console_size = terminal.first_window_size(
+            attachment.stdin, attachment.outputs["stdout"]
+        )
+        if tty and runtime_console:
+            null = os.open(os.devnull, os.O_RDWR)
+            self.child = [null, null, null]
+        elif tty:
+            self._open_pty()
         else:
             self._open_pipes(interactive, attachment)
 
-    def _open_pty(self, attachment: Attachment) -> None:
+    def _open_pty(self) -> None:
         master, slave = os.openpty()
-        _copy_window_size(attachment, slave)
+        if self.console_size is not None:
+            terminal.set_window_size(slave, self.console_size)
+        self.adopt_console(master)
+        self.child = [slave, slave, slave]
+
+    def adopt_console(self, master: int) -> None:
+        """Take `master` as the container's terminal: its output is the container's stdout."""
         self.master = master
         self.readers[master] = "stdout"
-        self.child = [slave, slave, slave]
 
     def _open_pipes(self, interactive: bool, attachment: Attachment) -> None:
         if interactive and attachment.stdin is not None:
@@ -126,14 +146,6 @@ class ContainerStdio:
         for fd in set(self.child):
             os.close(fd)
         self.child = []
-
-
-def _copy_window_size(attachment: Attachment, slave: int) -> None:
-    for fd in (attachment.stdin, attachment.outputs["stdout"]):
-        if fd is not None and os.isatty(fd):
-            size = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
-            return
 
 
 class Supervisor:
@@ -176,7 +188,10 @@ class Supervisor:
         from lstore.runner.logs import LogWriter
 
         stdio = ContainerStdio(
-            bool(self.options["tty"]), bool(self.options["interactive"]), self.attachment
+            bool(self.options["tty"]),
+            bool(self.options["interactive"]),
+            self.attachment,
+            runtime_console=self.options["runtime"] == "builtin",
         )
         cgroup = cgroups.open(self.container.cgroup) if self.container.cgroup else None
         self._install_signal_forwarding()
@@ -185,6 +200,8 @@ class Supervisor:
         stdio.close_child_ends()
         if process is None:
             return None
+        if process.console is not None:
+            stdio.adopt_console(process.console)
 
         writer = LogWriter(self.container.log_path)
         try:
@@ -239,6 +256,7 @@ class Supervisor:
                 stdout=stdout,
                 stderr=stderr,
                 cgroup=cgroup,
+                console_size=stdio.console_size,
             )
         except (LstoreError, OSError) as exc:
             log.error("container %s failed to start: %s", self.container.short_id, exc)
@@ -301,7 +319,7 @@ class Supervisor:
             if kind == "output":
                 self._copy_output(key.fd, stdio, writer)
             elif kind == "signal":
-                self._forward_signals(process)
+                self._forward_signals(process, stdio)
             elif kind == "input":
                 self._copy_input(stdio)
             elif kind == "exited":
@@ -361,17 +379,32 @@ class Supervisor:
     def _install_signal_forwarding(self) -> None:
         os.set_blocking(self.signal_write, False)
         signal.set_wakeup_fd(self.signal_write, warn_on_full_buffer=False)
-        for signum in FORWARDED_SIGNALS:
+        for signum in (*FORWARDED_SIGNALS, RESIZE_SIGNAL):
             # A Python-level handler is needed for the wakeup fd to receive the number.
             signal.signal(signum, lambda *_: None)
 
-    def _forward_signals(self, process: Any) -> None:
+    def _forward_signals(self, process: Any, stdio: ContainerStdio) -> None:
         for signum in os.read(self.signal_read, 64):
+            if signum == RESIZE_SIGNAL:
+                self._resize(process, stdio)
+                continue
             log.info("forwarding signal %d to container %s", signum, self.container.short_id)
             try:
                 process.signal(signum)
             except ProcessLookupError:
                 pass
+
+    def _resize(self, process: Any, stdio: ContainerStdio) -> None:
+        """Give the container's pty the current size of the client's terminal."""
+        size = terminal.first_window_size(self.attachment.stdin, self.attachment.outputs["stdout"])
+        if stdio.master is None or size is None:
+            return
+        try:
+            terminal.set_window_size(stdio.master, size)
+        except OSError as exc:
+            log.info("cannot resize the terminal of %s: %s", self.container.short_id, exc)
+            return
+        process.terminal_resized()
 
     def _release(self) -> None:
         from lstore.runner import lifecycle

@@ -10,15 +10,19 @@ registry that the `registry` fixture starts on loopback.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
 import re
 import secrets
 import shutil
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 
@@ -166,6 +170,100 @@ def test_run_tty_gives_a_terminal(cli: Cli, busybox: str) -> None:
                flags=("--rm", "-t"))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "is-a-tty\n"  # text mode turns the terminal's "\r\n" into "\n"
+
+
+class Terminal:
+    """A pseudo-terminal that a test types into and reads, as a terminal emulator would."""
+
+    def __init__(self, rows: int, columns: int) -> None:
+        self.master, self.slave = os.openpty()
+        self.resize(rows, columns)
+        self.pending = b""
+
+    def resize(self, rows: int, columns: int) -> None:
+        # The kernel sends SIGWINCH to the terminal's foreground process group.
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+        """Start `command` in a new session whose controlling terminal is this pty."""
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        return subprocess.Popen(command, stdin=self.slave, stdout=self.slave,
+                                stderr=self.slave, start_new_session=True,
+                                preexec_fn=take_terminal)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, pattern: bytes, timeout: float = COMMAND_TIMEOUT) -> re.Match[bytes]:
+        """Read until `pattern` matches; consume the output up to the end of the match."""
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.pending)) is None:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.master], [], [], max(remaining, 0))
+            assert ready, f"no {pattern!r} within {timeout}s; output: {self.pending!r}"
+            self.pending += os.read(self.master, 4096)
+        self.pending = self.pending[match.end():]
+        return match
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _size_after_resize(terminal: Terminal, rows: int, columns: int) -> tuple[bytes, ...]:
+    """Resize, then press Enter until the container's `stty size` shows the new size."""
+    terminal.resize(rows, columns)
+    deadline = time.monotonic() + 10
+    size: tuple[bytes, ...] = ()
+    while time.monotonic() < deadline and size != (b"%d" % rows, b"%d" % columns):
+        terminal.write(b"\r")
+        size = terminal.expect(rb"size (\d+) (\d+)").groups()
+    return size
+
+
+TTY_SCRIPT = ('echo "term $TERM"; tty; echo "size $(stty size)"; '
+              'while read line; do echo "size $(stty size)"; done')
+
+
+@pytest.mark.parametrize("runtime", ["builtin", "runc"])
+def test_run_tty_size_follows_terminal(cli: Cli, busybox: str, runtime: str) -> None:
+    terminal = Terminal(24, 80)
+    client = terminal.spawn([sys.executable, "-m", "lstore.cli", "--root", cli.root, "run",
+                             "-it", "--rm", "--network", "none", "--runtime", runtime,
+                             busybox, "sh", "-c", TTY_SCRIPT])
+    try:
+        assert terminal.expect(rb"term (\S*)\r\n").group(1) == b"xterm"
+        assert terminal.expect(rb"(/dev/\S+)\r\n").group(1) == b"/dev/pts/0"
+        assert terminal.expect(rb"size (\d+) (\d+)").groups() == (b"24", b"80")
+        assert _size_after_resize(terminal, 40, 132) == (b"40", b"132")
+
+        terminal.write(b"\x04")  # Ctrl-D ends `read`, so the shell exits
+        assert client.wait(timeout=COMMAND_TIMEOUT) == 0
+    finally:
+        client.kill()
+        client.wait()
+        terminal.close()
+
+
+def test_exec_tty_size_and_term(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--network", "none", "--name", "shell", busybox, "sleep", "60")
+    terminal = Terminal(30, 100)
+    client = terminal.spawn([sys.executable, "-m", "lstore.cli", "--root", cli.root, "exec",
+                             "-it", "shell", "sh", "-c", TTY_SCRIPT])
+    try:
+        assert terminal.expect(rb"term (\S*)\r\n").group(1) == b"xterm"
+        assert re.fullmatch(rb"/dev/pts/\d+", terminal.expect(rb"(/dev/\S+)\r\n").group(1))
+        assert terminal.expect(rb"size (\d+) (\d+)").groups() == (b"30", b"100")
+        assert _size_after_resize(terminal, 50, 160) == (b"50", b"160")
+
+        terminal.write(b"\x04")
+        assert client.wait(timeout=COMMAND_TIMEOUT) == 0
+    finally:
+        client.kill()
+        client.wait()
+        terminal.close()
 
 
 def test_run_forwards_signals_to_container(cli: Cli, busybox: str) -> None:

@@ -513,29 +513,28 @@ def test_user_namespace_maps_root(userns_rootfs, runtime_name):
     assert made.st_uid == USERNS_HOST_ID
 
 
-def test_terminal_becomes_controlling_tty(bundle):
-    master, slave = os.openpty()
-    bundle.write_spec(
-        RunOptions(
-            command=["sh", "-c", "tty; echo $TERM; cut -d ' ' -f 7 /proc/self/stat"],
-            network="none",
-            tty=True,
-        )
-    )
+def test_terminal_comes_from_container_devpts(bundle):
+    script = "tty; echo $TERM; cut -d ' ' -f 7 /proc/self/stat; stty size; ls -l /dev/console"
+    bundle.write_spec(RunOptions(command=["sh", "-c", script], network="none", tty=True))
+    null = os.open(os.devnull, os.O_RDWR)
     try:
-        process = runtime.start(
-            bundle.dir, bundle.container_id, stdin=slave, stdout=slave, stderr=slave
-        )
-        os.close(slave)
-        code = process.wait()
-        output = _read_all(master)
+        process = runtime.start(bundle.dir, bundle.container_id, stdin=null, stdout=null,
+                                stderr=null, console_size=(33, 111))
     finally:
-        os.close(master)
+        os.close(null)
+    assert process.console is not None
+    try:
+        code = process.wait()
+        output = _read_all(process.console)
+    finally:
+        os.close(process.console)
 
     assert code == 0
-    lines = output.split()
-    assert lines[:2] == ["/dev/console", "xterm"]
+    lines = output.splitlines()
+    assert lines[:2] == ["/dev/pts/0", "xterm"]
     assert int(lines[2]) != 0  # tty_nr: the process has a controlling terminal
+    assert lines[3] == "33 111"
+    assert lines[4].split()[4:6] == ["136,", "0"]  # /dev/console is /dev/pts/0
 
 
 def _read_all(master: int) -> str:
