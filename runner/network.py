@@ -237,10 +237,25 @@ def _ensure_bridge(network: Network) -> None:
     _write_sysctl(f"net.ipv4.conf.{network.bridge}.route_localnet", "1")
 
 
+def _default_signals_in_helpers() -> None:
+    """Make the children that pyroute2 forks restore the default SIGINT and SIGTERM actions.
+
+    NetNS and the netns helpers fork a child to open a socket in another network namespace
+    and end it with SIGTERM. With this process's handlers the child would run lstore code
+    instead of dying: the CLI's SIGTERM handler raises KeyboardInterrupt, which unwinds
+    through the caller's cleanup in the child. pyroute2 0.9.7 checks this setting in fork
+    mode too.
+    """
+    from pyroute2 import config
+
+    config.disable_mp_signal = True
+
+
 def _create_netns(name: str) -> None:
     """Create the named netns, replacing a stale one of the same name, and bring lo up."""
     from pyroute2 import NetNS, netns
 
+    _default_signals_in_helpers()
     if os.path.exists(os.path.join(NETNS_DIR, name)):
         log.warning("removing stale network namespace %s", name)
         _remove_netns(name)
@@ -268,6 +283,7 @@ def _create_endpoint(attachment: Attachment) -> None:
 def _configure_container_end(name: str, peer: str, attachment: Attachment) -> None:
     from pyroute2 import NetNS
 
+    _default_signals_in_helpers()
     with NetNS(name) as ns:
         index = ns.link_lookup(ifname=peer)[0]
         ns.link("set", index=index, ifname=CONTAINER_IFNAME)
@@ -329,6 +345,7 @@ def _delete_link(ifname: str) -> None:
 def _remove_netns(name: str) -> None:
     from pyroute2 import netns
 
+    _default_signals_in_helpers()
     try:
         netns.remove(name)
     except FileNotFoundError:
