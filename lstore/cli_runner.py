@@ -250,6 +250,10 @@ def _run(args: argparse.Namespace) -> int:
         store = _open_store(args)
         image = _find_or_pull(store, args)
         container = lifecycle.create(store, options, image)
+    except LstoreError as exc:
+        _error(str(exc))
+        return RUN_ERROR_EXIT
+    try:
         if options.detach:
             lifecycle.start(store.root, container, attach=False).sync.close()
             print(container.id)
@@ -260,7 +264,23 @@ def _run(args: argparse.Namespace) -> int:
             return _run_attached(store.root, container, options.tty)
     except LstoreError as exc:
         _error(str(exc))
+        if options.rm:
+            _remove_after_failed_start(store.meta, container)
         return RUN_ERROR_EXIT
+
+
+def _remove_after_failed_start(meta: Any, container: Any) -> None:
+    """Remove a --rm container whose supervisor ended before it could clean up."""
+    from lstore.runner import containers, lifecycle
+
+    try:
+        current = containers.load(meta, container.id)
+    except LstoreError:
+        return  # the supervisor already removed it
+    try:
+        lifecycle.remove(meta, current, force=True)
+    except LstoreError as exc:
+        _error(f"cannot remove container {container.short_id}: {exc}")
 
 
 def _run_attached(root: str, container: Any, tty: bool) -> int:

@@ -15,8 +15,6 @@ import os
 import select
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import IO, Any
@@ -367,34 +365,19 @@ def start(root: str, container: Container, *, attach: bool) -> Started:
     gives the container this process's stdin (with -i). Raises ContainerError when the
     runtime fails; the supervisor then releases the container's resources.
     """
+    from lstore.runner.launch import spawn_supervisor
+
     read_end, write_end = os.pipe()
     passed = {"--sync": write_end}
     if attach:
         passed.update(_attached_fds(container.options))
-    command = [
-        sys.executable,
-        "-m",
-        "lstore.runner.supervisor",
-        "--root",
-        root,
-        "--id",
-        container.id,
-    ]
+    argv = ["--root", root, "--id", container.id]
     for flag, fd in passed.items():
-        command += [flag, str(fd)]
+        argv += [flag, str(fd)]
 
-    with open(os.path.join(container.path, "supervisor.log"), "ab") as log_file:
-        launcher = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            pass_fds=tuple(passed.values()),
-            start_new_session=True,
-        )
+    spawn_supervisor(argv, list(passed.values()), os.path.join(container.path, "supervisor.log"))
     for fd in passed.values():
         os.close(fd)
-    launcher.wait()  # the first child forks the supervisor and exits at once
 
     sync = os.fdopen(read_end, "rb")
     return _read_started(container, sync)

@@ -458,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.fork() > 0:
         os._exit(0)
 
+    # force: a supervisor forked from the CLI inherits the CLI's logging set-up.
     logging.basicConfig(
+        force=True,
         stream=sys.stderr,
         level=logging.INFO,
         format="%(asctime)s supervisor[%(process)d] %(levelname)s %(name)s: %(message)s",

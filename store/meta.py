@@ -60,6 +60,21 @@ def _open_environment(path: str) -> lmdb.Environment:
         return env
 
 
+def forget_environments() -> None:
+    """Close the LMDB handles inherited from the parent; call first thing in a forked child.
+
+    LMDB forbids using a handle across fork(), and py-lmdb refuses to open an environment
+    that is still open in the process. Closing in the child is safe for the parent: LMDB
+    clears only reader slots of the closing pid, the parent keeps its fcntl locks, and the
+    shared mutexes are destroyed only by an exclusive holder, which the child cannot be
+    while the parent has the environment open.
+    """
+    with _environments_lock:
+        for env in _environments.values():
+            env.close()
+        _environments.clear()
+
+
 class Transaction:
     """A read or write transaction over the named databases, with JSON values."""
 
