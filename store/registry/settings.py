@@ -51,9 +51,9 @@ class RegistrySettings:
     docker_config: str | None = None
     trusted_realm_hosts: tuple[str, ...] = ()
     max_connections_per_host: int = 8
-    range_threshold: int = 16 << 20
-    range_chunk_size: int = 8 << 20
-    range_connections: int = 4
+    range_threshold: int = 4 << 20
+    range_chunk_size: int = 4 << 20
+    range_connections: int = 8
     connect_timeout: float = 30.0
     read_timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
