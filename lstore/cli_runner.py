@@ -286,8 +286,11 @@ def _remove_after_failed_start(meta: Any, container: Any) -> None:
 def _run_attached(root: str, container: Any, tty: bool) -> int:
     from lstore.runner import lifecycle
 
-    started = lifecycle.start(root, container, attach=True)
-    with _proxy_signals(started, tty):
+    # The proxy is in place before the start: a signal that arrives once the container
+    # runs, before start() returns, is held and then sent instead of ending this process.
+    with _proxy_signals(tty) as proxy:
+        started = lifecycle.start(root, container, attach=True)
+        proxy.attach(started.supervisor_pid)
         return started.finish()
 
 
@@ -321,37 +324,65 @@ def _raw_terminal(wanted: bool) -> Iterator[None]:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
+class _SignalProxy:
+    """Sends the signals this process receives to the container's supervisor.
+
+    Signals that arrive before `attach` names the supervisor are held and sent then.
+    """
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.pidfd: int | None = None
+        self.held: list[int] = []
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if self.pidfd is None:
+            self.held.append(signum)
+        else:
+            self._send(signum)
+
+    def attach(self, supervisor_pid: int) -> None:
+        """Send the held signals to `supervisor_pid` and every later one as it arrives."""
+        try:
+            self.pidfd = os.pidfd_open(supervisor_pid)
+        except ProcessLookupError:
+            return
+        for signum in self.held:
+            self._send(signum)
+        self.held.clear()
+        if self.tty:
+            # The size may have changed since the supervisor read it; an unchanged size
+            # sends the container no SIGWINCH.
+            self._send(signal.SIGWINCH)
+
+    def _send(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 @contextmanager
-def _proxy_signals(started: Any, tty: bool) -> Iterator[None]:
+def _proxy_signals(tty: bool) -> Iterator[_SignalProxy]:
     """Pass signals this process receives to the supervisor, which passes them on.
 
     With a tty, SIGWINCH goes too: the supervisor then copies this terminal's new size to
     the container's pty.
     """
-    try:
-        pidfd = os.pidfd_open(started.supervisor_pid)
-    except ProcessLookupError:
-        yield
-        return
-
-    def forward(signum: int, _frame: Any) -> None:
-        try:
-            signal.pidfd_send_signal(pidfd, signum)
-        except ProcessLookupError:
-            pass
-
+    proxy = _SignalProxy(tty)
     proxied = PROXIED_SIGNALS + ((signal.SIGWINCH,) if tty else ())
-    previous = {signum: signal.signal(signum, forward) for signum in proxied}
-    if tty:
-        # The size may have changed since the supervisor read it; an unchanged size
-        # sends the container no SIGWINCH.
-        forward(signal.SIGWINCH, None)
+    previous = {signum: signal.signal(signum, proxy.handle) for signum in proxied}
     try:
-        yield
+        yield proxy
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        os.close(pidfd)
+        proxy.close()
 
 
 # ---------------------------------------------------------------------------- ps

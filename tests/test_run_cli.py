@@ -273,10 +273,12 @@ def test_run_forwards_signals_to_container(cli: Cli, busybox: str) -> None:
     with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           text=True) as client:
         assert client.stdout is not None
+        # The first output can arrive before the CLI has learned the supervisor's pid.
         assert client.stdout.readline() == "ready\n"
         client.send_signal(signal.SIGTERM)
-        assert client.stdout.read() == "bye\n"
-        assert client.wait(timeout=COMMAND_TIMEOUT) == 4
+        output, _ = client.communicate(timeout=COMMAND_TIMEOUT)
+        assert output == "bye\n"
+        assert client.returncode == 4
 
 
 def test_run_separates_stdout_and_stderr(cli: Cli, busybox: str) -> None:
