@@ -82,7 +82,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_CLI_PID = os.getpid()
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    # A child forked by a library (pyroute2's netns helpers) inherits this handler, and must
+    # die of SIGTERM as it would by default rather than unwind the CLI's cleanup code.
+    if os.getpid() != _CLI_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
