@@ -187,7 +187,22 @@ class IngestFile:
             log.debug("resuming blob %s with ranges %s", self.digest, self._ranges)
 
 
-class _PrefixReader:
+class ReadIntoMixin:
+    """`readinto` and `readable` for a reader class that defines `read`, as decoders expect."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+
+class _PrefixReader(ReadIntoMixin):
     """Sequential reader over an IngestFile's contiguous prefix."""
 
     def __init__(self, ingest: IngestFile) -> None:
@@ -203,11 +218,3 @@ class _PrefixReader:
         data = os.pread(self._ingest._fd, count, self._position)
         self._position += len(data)
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True

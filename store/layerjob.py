@@ -12,16 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from lstore.errors import IntegrityError, UnsafeLayerError
 from lstore.store.digest import Digest
+from lstore.store.ingest import ReadIntoMixin
 from lstore.store.trace import PullTrace
 from lstore.store.unpack import unpack_layer
+
+from lstore.errors import IntegrityError, UnsafeLayerError
 
 # Reads of 1 MiB keep the per-call overhead of hashing and inflating negligible.
 _READ_SIZE = 1 << 20
 
 
-class HashingReader:
+class HashingReader(ReadIntoMixin):
     """A reader that feeds every byte it returns into a hash."""
 
     def __init__(
@@ -42,14 +44,6 @@ class HashingReader:
         if self._on_read is not None:
             self._on_read(self.count)
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
 
     def drain(self) -> None:
         """Hash whatever the consumer left unread, so the digest covers the whole blob."""
