@@ -70,25 +70,39 @@ def _pull(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
     settings = RegistrySettings.from_environment(plain_http=args.plain_http)
+    options = {"platform": args.platform, "settings": settings, "trace_path": args.trace}
+    if len(args.ref) > 1 and not args.trace:
+        return _pull_together(args, store, options)
+
     status = 0
     for text in args.ref:
         progress = PullProgress()
-        show = sys.stderr.isatty() and not (args.json or args.quiet)
-        if show:
+        if sys.stderr.isatty() and not (args.json or args.quiet):
             progress.listener = _ProgressPrinter()
         try:
-            image = store.pull(
-                text,
-                platform=args.platform,
-                settings=settings,
-                progress=progress,
-                trace_path=args.trace,
-            )
+            image = store.pull(text, progress=progress, **options)
         except LstoreError as exc:
             print(f"lstore: error: pull {text}: {exc}", file=sys.stderr)
             status = 1
             continue
         _print_pull_result(args, image, progress)
+    return status
+
+
+def _pull_together(args: argparse.Namespace, store: Any, options: dict[str, Any]) -> int:
+    """Pull every reference at once, as a node pre-warm does; shared layers move once."""
+    from lstore.store.progress import PullProgress
+
+    progress = {text: PullProgress() for text in args.ref}
+    results = store.pull_many(args.ref, progress=progress, **options)
+    status = 0
+    for text in args.ref:
+        outcome = results[text]
+        if isinstance(outcome, LstoreError):
+            print(f"lstore: error: pull {text}: {outcome}", file=sys.stderr)
+            status = 1
+        else:
+            _print_pull_result(args, outcome, progress[text])
     return status
 
 

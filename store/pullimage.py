@@ -25,33 +25,74 @@ def run_pull(store: Any, text: str, **options: Any) -> str:
     """Pull `text` into `store` and return the name under which the image was recorded.
 
     An image whose content is all present is recorded by the warm-pull shortcut, without
-    importing the HTTP client; a traced pull always takes the full path.
+    importing the HTTP client. A traced pull always takes the full path.
+    """
+    result = run_pulls(store, [text], progress={text: options.pop("progress", None)}, **options)
+    outcome = result[text]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_pulls(
+    store: Any, texts: list[str], *, progress: dict[str, Any] | None = None, **options: Any
+) -> dict[str, str | BaseException]:
+    """Pull several images at once in one event loop; return each name or error by text.
+
+    Layers that two images share are fetched and unpacked once: the second pull waits on
+    the first one's blob and snapshot locks. Raises KeyboardInterrupt on SIGINT or SIGTERM.
     """
     from lstore.store.registry.settings import RegistrySettings
     from lstore.store.warmpull import warm_pull
 
     options["settings"] = options.get("settings") or RegistrySettings.from_environment()
-    if not options.get("trace_path"):
-        name = warm_pull(
-            store, text, platform=options.get("platform"), settings=options["settings"]
-        )
-        if name is not None:
-            return name
+    progress = progress or {}
+    results: dict[str, str | BaseException] = {}
+    remaining = []
+    for text in texts:
+        name = None
+        if not options.get("trace_path"):
+            name = warm_pull(
+                store, text, platform=options.get("platform"), settings=options["settings"]
+            )
+        if name is None:
+            remaining.append(text)
+        else:
+            results[text] = name
+    if remaining:
+        results.update(_run_loop(_pull_all(store, remaining, progress, options)))
+    return results
+
+
+def _run_loop(main: Any) -> dict[str, str | BaseException]:
     import asyncio
 
     try:
         import uvloop
     except ImportError:  # uvloop is optional: the default loop works, only slower
-        name = asyncio.run(_interruptible(pull_image(store, text, **options)))
+        outcome = asyncio.run(_interruptible(main))
     else:
-        name = uvloop.run(_interruptible(pull_image(store, text, **options)))
-    if name is None:
+        outcome = uvloop.run(_interruptible(main))
+    if outcome is None:
         raise KeyboardInterrupt
-    return name
+    return outcome
 
 
-async def _interruptible(pull: Any) -> str | None:
-    """Run a pull that SIGINT and SIGTERM cancel cleanly; return None when interrupted.
+async def _pull_all(
+    store: Any, texts: list[str], progress: dict[str, Any], options: dict[str, Any]
+) -> dict[str, str | BaseException]:
+    import asyncio
+
+    pulls = [pull_image(store, text, progress=progress.get(text), **options) for text in texts]
+    outcomes = await asyncio.gather(*pulls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+    return dict(zip(texts, outcomes))
+
+
+async def _interruptible(pull: Any) -> Any:
+    """Run pulls that SIGINT and SIGTERM cancel cleanly; return None when interrupted.
 
     Cancellation unwinds every layer task, so workers stop and temporary snapshot
     directories are removed before the process exits.

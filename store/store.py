@@ -16,6 +16,7 @@ from lstore.errors import (
     AlreadyExistsError,
     IntegrityError,
     InvalidReferenceError,
+    LstoreError,
     NotFoundError,
     StoreError,
 )
@@ -121,6 +122,22 @@ class Store:
 
         name = run_pull(self, text, **options)
         return self.lookup_image(name)
+
+    def pull_many(
+        self, texts: list[str], **options: Any
+    ) -> dict[str, ImageRecord | LstoreError]:
+        """Pull several images concurrently; return each record, or its error, by text."""
+        from lstore.store.pullimage import run_pulls
+
+        results: dict[str, ImageRecord | LstoreError] = {}
+        for text, outcome in run_pulls(self, texts, **options).items():
+            if isinstance(outcome, LstoreError):
+                results[text] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results[text] = self.lookup_image(outcome)
+        return results
 
     def remove_image(self, text: str, *, force: bool = False) -> list[str]:
         """Remove image names, then the content no other image or container references.

@@ -252,3 +252,19 @@ def test_usage_error_is_one_line(lstore):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "see 'lstore pull --help'" in done.stderr
+
+
+def test_pull_many_at_once(registry, lstore):
+    refs = [registry.ref(name) for name in ("debian-nginx:oci", "debian-nginx:zstd")]
+    missing = registry.ref("busybox:no-such-tag")
+
+    done = lstore("pull", "--json", *refs, missing, check=False)
+
+    assert done.returncode == 1
+    assert missing in done.stderr
+    results = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [result["name"] for result in results] == refs
+    # Both tags have the same layer contents, so the snapshots are unpacked once.
+    usage = json.loads(lstore("df", "--json").stdout)
+    assert usage["snapshots"] == 3
+    assert lstore("check", "--content").returncode == 0
