@@ -596,6 +596,10 @@ def _inspect_any(image_handler: Callable[[argparse.Namespace], int]
         try:
             containers.resolve(store.meta, args.ref)
         except NotFoundError:
+            if store.find_image(args.ref) is None:
+                raise NotFoundError(
+                    f"no such image or container: {args.ref}", ref=args.ref
+                ) from None
             return image_handler(args)
         return _inspect(args)
 

@@ -57,6 +57,8 @@ class Container:
     exit_code: int | None = None
     oom_killed: bool = False
     oom_kill_count: int = 0
+    # The image config's digest, which docker shows as the image ID.
+    image_id: str = ""
     error: str = ""
     started_at: str = ZERO_TIME
     finished_at: str = ZERO_TIME
@@ -317,7 +319,7 @@ def inspect_view(container: Container) -> dict[str, Any]:
         "Path": container.args[0] if container.args else "",
         "Args": container.args[1:],
         "State": _state_view(container, status),
-        "Image": container.image_digest,
+        "Image": container.image_id or container.image_digest,
         "Name": "/" + container.name,
         "ResolvConfPath": os.path.join(container.path, "resolv.conf"),
         "HostnamePath": os.path.join(container.path, "hostname"),

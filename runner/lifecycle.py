@@ -112,6 +112,7 @@ def _new_record(store: Any, options: RunOptions, image: Any, stop_signal: int) -
         name=options.name or containers.generate_name(store.meta),
         image=image.name,
         image_digest=image.digest,
+        image_id=image.config_digest,
         chain_ids=list(image.chain_ids),
         created=containers.rfc3339_nano(),
         path=os.path.join(store.containers_dir, container_id),
@@ -166,15 +167,17 @@ def _prepare(store: Any, container: Container, options: RunOptions, image: Any) 
         layer_dirs=image.layer_dirs,
         userns_range=USERNS_RANGE,
     )
+    # ps and inspect show the user's command, as docker does, not the init wrapping it.
+    command = list(spec["process"]["args"])
     if options.init:
-        spec["process"]["args"] = [INIT_PATH, "--", *spec["process"]["args"]]
+        spec["process"]["args"] = [INIT_PATH, "--", *command]
     _write_json(os.path.join(container.bundle, "config.json"), spec)
 
     return containers.update(
         meta,
         container.id,
         mounts=mounts,
-        args=spec["process"]["args"],
+        args=command,
         config=_inspect_config(options, image.config, spec, hostname, container.stop_signal),
     )
 

@@ -246,6 +246,13 @@ def read_env_file(path: str) -> list[str]:
             raise InvalidArgumentError(
                 f"invalid line {number} in env file {path}: the variable name is empty", path=path
             )
+        name = stripped.split("=", 1)[0]
+        if any(character.isspace() for character in name):
+            raise InvalidArgumentError(
+                f"invalid line {number} in env file {path}: variable {name!r} contains "
+                "whitespace",
+                path=path,
+            )
         entries.append(stripped)
     return entries
 

@@ -208,7 +208,8 @@ def disk_usage(meta: Meta, content: ContentStore, snapshots: SnapshotStore) -> d
     snapshot_list = snapshots.list()
     ingest_bytes = _ingest_bytes(content)
     return {
-        "images": len(images),
+        # Images are counted by ID, as docker does, not once per name.
+        "images": len({image.config_digest for image in images}),
         "blobs": len(blob_sizes),
         "blob_bytes": sum(blob_sizes.values()),
         "reclaimable_blob_bytes": sum(

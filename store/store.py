@@ -148,21 +148,28 @@ class Store:
         record = self._find_record(text)
         if record is None:
             raise NotFoundError(f"image {text!r} not found in {self.root}", ref=text)
-        users = self._containers_using(record.digest)
+        removed = self._names_for(text, record)
+        other_names = [
+            image.name
+            for image in self.images()
+            if image.digest == record.digest and image.name not in removed
+        ]
+        # With another name left, removing this one only untags, as docker does, so the
+        # content stays and its users are no obstacle.
+        users = [] if other_names else self._containers_using(record.digest)
         if users and not force:
             raise AlreadyExistsError(
                 f"image {record.name} is used by container {users[0][:12]}; "
                 "remove the container first or use --force",
                 ref=record.name,
             )
-        mounts = self._mounts_using(record.digest)
+        mounts = [] if other_names else self._mounts_using(record.digest)
         if mounts and not force:
             raise AlreadyExistsError(
                 f"image {record.name} is mounted at {mounts[0]}; run 'lstore umount "
                 f"{mounts[0]}' first or use --force",
                 ref=record.name,
             )
-        removed = self._names_for(text, record)
         with locks.hold(self.locks_dir, GC_LOCK):
             with self.meta.write() as txn:
                 for name in removed:

@@ -142,3 +142,18 @@ def test_lookup_by_id_prefix(store):
 
     assert found is not None
     assert found.name == "example.com/app:1"
+
+
+def test_rmi_of_one_name_only_untags(store):
+    image = _fake_image(store, "example.com/app:1", b"f")
+    store.record_image(ImageRecord.from_record("example.com/app:2", image.to_record()))
+    with store.meta.write() as txn:
+        txn.put("containers", "c" * 64, {"image_digest": image.digest, "chain_ids": []})
+
+    assert store.remove_image("example.com/app:1") == ["example.com/app:1"]
+
+    assert store.find_image("example.com/app:2") is not None
+    assert store.df()["images"] == 1
+    with pytest.raises(Exception) as caught:
+        store.remove_image("example.com/app:2")
+    assert "used by container" in str(caught.value)

@@ -707,3 +707,27 @@ def test_gc_keeps_layers_of_running_container(cli: Cli, busybox: str) -> None:
     finally:
         cli("rm", "-f", "keeper")
         cli.ok("pull", "--plain-http", busybox)
+
+
+def test_ps_and_inspect_show_user_command(cli: Cli, busybox: str) -> None:
+    cli.ok("run", "-d", "--init", "--network", "none", "--name", "wrapped", busybox,
+           "sleep", "100")
+    try:
+        listing = cli.ok("ps", "--no-trunc")
+        view = cli.inspect("wrapped")
+        image_id = json.loads(cli.ok("inspect", busybox))["config_digest"]
+
+        assert '"sleep 100"' in listing
+        assert "lstore-init" not in listing
+        assert view["Path"] == "sleep"
+        assert view["Args"] == ["100"]
+        assert view["Image"] == image_id
+    finally:
+        cli("rm", "-f", "wrapped")
+
+
+def test_inspect_unknown_names_both_kinds(cli: Cli) -> None:
+    done = cli("inspect", "nosuch")
+
+    assert done.returncode != 0
+    assert "no such image or container: nosuch" in done.stderr

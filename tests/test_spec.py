@@ -453,3 +453,14 @@ def test_spec_tty_sets_terminal_and_term(rootfs):
 
     assert process["terminal"] is True
     assert "TERM=xterm" in process["env"]
+
+
+def test_env_file_rejects_whitespace_in_name(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("GOOD=1\nexport D=4\n")
+
+    with pytest.raises(InvalidArgumentError) as caught:
+        read_env_file(str(env_file))
+
+    assert "line 2" in str(caught.value)
+    assert "'export D'" in str(caught.value)
