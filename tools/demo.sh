@@ -4,7 +4,7 @@
 # pull them, show their content and run them.
 #
 # Everything runs inside a network namespace that this script creates and deletes, so the
-# host's routes and firewall stay as they were; the store lives in a temporary directory
+# host's routes and firewall stay as they were. The store lives in a temporary directory
 # unless LSTORE_ROOT is set.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

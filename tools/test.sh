@@ -7,5 +7,5 @@ cd "$repo"
 
 bash tools/setup.sh
 
-# pytest exits 5 when it collects nothing; that is a failure here, not a pass.
+# pytest exits 5 when it collects nothing, and that counts as a failure here.
 exec python3 -m pytest -p no:cacheprovider "$@"
