@@ -268,3 +268,29 @@ def test_pull_many_at_once(registry, lstore):
     usage = json.loads(lstore("df", "--json").stdout)
     assert usage["snapshots"] == 3
     assert lstore("check", "--content").returncode == 0
+
+
+def test_killed_pull_leaves_store_that_checks_clean(registry, store_root, lstore):
+    ref = registry.ref("debian-nginx:oci")
+    command = [sys.executable, "-m", "lstore.cli", "--root", store_root, "pull", ref]
+    snapshots = os.path.join(store_root, "snapshots")
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if os.path.isdir(snapshots) and any(n.startswith("tmp-") for n in os.listdir(snapshots)):
+            break
+        time.sleep(0.01)
+
+    process.kill()
+    process.wait(timeout=60)
+
+    # A crash leaves only unrecorded leftovers: the store opens and checks clean.
+    assert lstore("check").returncode == 0
+    if process.returncode == -signal.SIGKILL:
+        assert json.loads(lstore("images", "--json").stdout) == []
+    result = pull_json(lstore, ref)
+    assert result["layers"] >= 3
+    assert lstore("check", "--content").returncode == 0
+    lstore("gc")
+    assert not [n for n in os.listdir(snapshots) if n.startswith("tmp-")]
+    assert os.listdir(os.path.join(store_root, "ingest")) == []
