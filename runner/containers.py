@@ -302,7 +302,12 @@ def port_bindings(container: Container) -> dict[str, list[dict[str, str]]]:
 
 
 def ports_text(container: Container) -> str:
-    """Return the PORTS column of `ps`, such as "127.0.0.1:8080->80/tcp"."""
+    """Return the PORTS column of `ps`, such as "127.0.0.1:8080->80/tcp".
+
+    Only a running container has its ports published, so others show none, as in docker.
+    """
+    if container.status() != RUNNING:
+        return ""
     entries = []
     for key, hosts in port_bindings(container).items():
         entries += [f"{host['HostIp']}:{host['HostPort']}->{key}" for host in hosts]

@@ -580,6 +580,10 @@ def test_nginx_answers_on_published_port(netns: Cli) -> None:
     assert conflict.returncode == 125
     assert "host port 18080/tcp is already published" in conflict.stderr
     assert "(127.0.0.1:18080->80/tcp)" in conflict.stderr
+    assert "127.0.0.1:18080->80/tcp" in netns.ok("ps")
+
+    netns.ok("stop", "-t", "2", "web")
+    assert "18080" not in netns.ok("ps", "-a")
     netns.ok("rm", "-f", "web")
 
 
