@@ -79,6 +79,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    parser.set_defaults(command_parsers=subparsers.choices)
     return parser
 
 
@@ -95,7 +96,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # Report unknown flags against the command they were given to, not against lstore.
+        command_parser = args.command_parsers.get(args.command, parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="lstore: %(levelname)s: %(name)s: %(message)s",

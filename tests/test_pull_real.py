@@ -294,3 +294,12 @@ def test_killed_pull_leaves_store_that_checks_clean(registry, store_root, lstore
     lstore("gc")
     assert not [n for n in os.listdir(snapshots) if n.startswith("tmp-")]
     assert os.listdir(os.path.join(store_root, "ingest")) == []
+
+
+def test_unknown_flag_names_the_command(lstore):
+    done = lstore.fails("pull", "--bogus", "x")
+
+    assert done.stderr.strip() == (
+        "lstore: error: lstore pull: unrecognized arguments: --bogus; "
+        "see 'lstore pull --help'"
+    )
