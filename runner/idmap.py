@@ -43,8 +43,6 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 # filesystem under the store cannot be idmapped (overlayfs, for one).
 _NO_IDMAP_SUPPORT = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class _MountAttr(ctypes.Structure):
     """struct mount_attr of mount_setattr(2), first version (MOUNT_ATTR_SIZE_VER0, 32 bytes)."""
@@ -155,7 +153,7 @@ def mount_idmapped(source: str, target: str, userns_fd: int) -> None:
     attached, because the kernel idmaps only mounts that are not yet attached. Nothing
     stays mounted when this raises ContainerError.
     """
-    tree_fd = _syscall(
+    tree_fd = nsutil.syscall(
         nsutil.SYS_OPEN_TREE,
         ctypes.c_int(_AT_FDCWD),
         os.fsencode(source),
@@ -174,7 +172,7 @@ def mount_idmapped(source: str, target: str, userns_fd: int) -> None:
 
 def _set_idmap(tree_fd: int, source: str, userns_fd: int) -> None:
     attributes = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
-    result = _syscall(
+    result = nsutil.syscall(
         nsutil.SYS_MOUNT_SETATTR,
         ctypes.c_int(tree_fd),
         b"",
@@ -187,7 +185,7 @@ def _set_idmap(tree_fd: int, source: str, userns_fd: int) -> None:
 
 
 def _attach(tree_fd: int, source: str, target: str) -> None:
-    result = _syscall(
+    result = nsutil.syscall(
         nsutil.SYS_MOVE_MOUNT,
         ctypes.c_int(tree_fd),
         b"",
@@ -201,10 +199,6 @@ def _attach(tree_fd: int, source: str, target: str) -> None:
             f"cannot mount the idmapped layer {source} at {target}: {os.strerror(code)}",
             path=target,
         ) from OSError(code, os.strerror(code), target)
-
-
-def _syscall(number: int, *args: object) -> int:
-    return _libc.syscall(ctypes.c_long(number), *args)
 
 
 def _raise_idmap_error(step: str, source: str) -> None:

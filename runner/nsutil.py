@@ -90,6 +90,11 @@ def syscall_number(name: str) -> int:
         raise OSError(errno.ENOSYS, f"no syscall number for {name} on {machine}") from None
 
 
+def syscall(number: int, *args: object) -> int:
+    """Call a system call by number; returns -1 with errno set on failure, as libc does."""
+    return _libc.syscall(ctypes.c_long(number), *args)
+
+
 def check(result: int, what: str, path: str | None = None) -> int:
     """Raise OSError with the current errno when a libc call returned -1."""
     if result == -1:
@@ -130,7 +135,7 @@ def setns(fd: int, nstype: int = 0, name: str = "") -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     """Make `new_root` the root mount of the calling process's mount namespace."""
     number = syscall_number("pivot_root")
-    result = _libc.syscall(ctypes.c_long(number), _bytes(new_root), _bytes(put_old))
+    result = syscall(number, _bytes(new_root), _bytes(put_old))
     check(result, f"pivot_root {new_root}", new_root)
 
 
@@ -146,8 +151,8 @@ def set_cloexec_from(first_fd: int) -> None:
     Uses close_range(2) with CLOSE_RANGE_CLOEXEC (Linux 5.11).
     """
     close_range_cloexec = 1 << 2
-    result = _libc.syscall(
-        ctypes.c_long(SYS_CLOSE_RANGE),
+    result = syscall(
+        SYS_CLOSE_RANGE,
         ctypes.c_uint(first_fd),
         ctypes.c_uint(0xFFFFFFFF),
         ctypes.c_uint(close_range_cloexec),

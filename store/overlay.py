@@ -23,7 +23,6 @@ from lstore.runner import nsutil
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 # New mount API constants (linux/mount.h).
 _FSOPEN_CLOEXEC = 0x1
@@ -117,14 +116,10 @@ class _LowerdirPlusUnsupported(Exception):
     """The kernel's overlayfs predates the "lowerdir+" parameter (Linux 6.8)."""
 
 
-def _syscall(number: int, *args: object) -> int:
-    return _libc.syscall(ctypes.c_long(number), *args)
-
-
 def _mount_with_fsconfig(
     target: str, lowerdirs: list[str], upperdir: str | None, workdir: str | None, readonly: bool
 ) -> None:
-    fs_fd = _syscall(nsutil.SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    fs_fd = nsutil.syscall(nsutil.SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
     if fs_fd == -1:
         if ctypes.get_errno() == errno.ENOSYS:
             raise _LowerdirPlusUnsupported()
@@ -153,7 +148,7 @@ def _configure(
         if value is not None and _fsconfig(fs_fd, key, value) == -1:
             _raise_mount_error(target, f"{key} {value}", fs_fd)
 
-    result = _syscall(
+    result = nsutil.syscall(
         nsutil.SYS_FSCONFIG,
         ctypes.c_int(fs_fd),
         ctypes.c_uint(_FSCONFIG_CMD_CREATE),
@@ -166,7 +161,7 @@ def _configure(
 
 
 def _fsconfig(fs_fd: int, key: str, value: str) -> int:
-    return _syscall(
+    return nsutil.syscall(
         nsutil.SYS_FSCONFIG,
         ctypes.c_int(fs_fd),
         ctypes.c_uint(_FSCONFIG_SET_STRING),
@@ -178,7 +173,7 @@ def _fsconfig(fs_fd: int, key: str, value: str) -> int:
 
 def _attach(fs_fd: int, target: str, readonly: bool) -> None:
     attributes = _MOUNT_ATTR_RDONLY if readonly else 0
-    mount_fd = _syscall(
+    mount_fd = nsutil.syscall(
         nsutil.SYS_FSMOUNT,
         ctypes.c_int(fs_fd),
         ctypes.c_uint(_FSMOUNT_CLOEXEC),
@@ -187,7 +182,7 @@ def _attach(fs_fd: int, target: str, readonly: bool) -> None:
     if mount_fd == -1:
         _raise_mount_error(target, "fsmount", fs_fd)
     try:
-        result = _syscall(
+        result = nsutil.syscall(
             nsutil.SYS_MOVE_MOUNT,
             ctypes.c_int(mount_fd),
             b"",
