@@ -79,6 +79,20 @@ class Store:
                 ref=text,
                 path=self.root,
             )
+        return self._with_details(record)
+
+    def find_image(self, text: str) -> ImageRecord | None:
+        """Like lookup_image, but returns None when the image or its content is missing."""
+        record = self._find_record(text)
+        if record is None:
+            return None
+        try:
+            return self._with_details(record)
+        except StoreError:
+            return None
+
+    def _with_details(self, record: ImageRecord) -> ImageRecord:
+        """Load an image's config and snapshot directories; StoreError when any is missing."""
         try:
             load_details(record, self.content, self.snapshots)
         except (FileNotFoundError, NotFoundError) as exc:
@@ -97,16 +111,6 @@ class Store:
                 path=missing[0],
             )
         return record
-
-    def find_image(self, text: str) -> ImageRecord | None:
-        """Like lookup_image, but returns None when the image or its content is missing."""
-        record = self._find_record(text)
-        if record is None:
-            return None
-        try:
-            return self.lookup_image(record.name)
-        except (NotFoundError, StoreError):
-            return None
 
     def images(self) -> list[ImageRecord]:
         return list_images(self.meta)

@@ -18,7 +18,7 @@ import ssl
 import urllib.parse
 from dataclasses import replace
 
-from lstore.errors import InvalidArgumentError, NotFoundError, StoreError
+from lstore.errors import InvalidArgumentError, NotFoundError
 from lstore.store.digest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -116,9 +116,7 @@ def _complete(store, record: ImageRecord) -> ImageRecord | None:
     for digest in record.referenced_blobs():
         if not store.content.has(Digest(digest)):
             return None
-    try:
-        store.lookup_image(record.name)
-    except (NotFoundError, StoreError):
+    if store.find_image(record.name) is None:
         return None
     return record
 
