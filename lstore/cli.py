@@ -86,6 +86,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 _CLI_PID = os.getpid()
 
 
+def _store_root(args: argparse.Namespace) -> str:
+    from lstore.store.store import default_root
+
+    return args.root or default_root()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     # A child forked by a library (pyroute2's netns helpers) inherits this handler, and must
     # die of SIGTERM as it would by default rather than unwind the CLI's cleanup code.
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # Errors of the store's files or of the kernel that no module turned into an
         # LstoreError. The path shows the user where to look.
-        where = f": {exc.filename}" if exc.filename else ""
+        where = f": {exc.filename}" if exc.filename else f" (store {_store_root(args)})"
         hint = ""
         if exc.errno == errno.ENOSPC:
             hint = "; free some space or run 'lstore gc'"
