@@ -1,8 +1,8 @@
 """Error classes shared by the store, the registry client and the runner.
 
 Callers branch on the class and on `temporary`, never on message text. Every error keeps the
-reference, digest and path it concerns as attributes, and its message names them and says what
-to do where there is something to do.
+reference, digest and path it concerns as attributes. Its message names them and, where there
+is something to do, states what to do.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class AlreadyExistsError(LstoreError):
 
 
 class RegistryError(LstoreError):
-    """A registry answered with an error status or content lstore cannot use.
+    """A registry responded with an error status or with content lstore cannot use.
 
     `status` is the HTTP status (0 when no response arrived) and `codes` holds the error codes
     of the distribution spec's JSON error body, such as MANIFEST_UNKNOWN or TOOMANYREQUESTS.

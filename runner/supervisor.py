@@ -2,7 +2,8 @@
 
     python -m lstore.runner.supervisor --root ROOT --id ID --sync FD [--stdin FD] ...
 
-The CLI starts it in a new session (setsid), and it forks once more at once, so it is
+The CLI forks it into a new session (runner/launch.py calls `main` with these arguments
+without starting a new interpreter), and it forks once more at once, so it is
 neither the CLI's child nor a session leader that could acquire a controlling terminal. It
 owns the container's stdio and copies stdout and stderr (or the pty master) into the
 json-file log and to the attached client's descriptors. It forwards the signals it receives
@@ -10,7 +11,7 @@ to the container's PID 1, except SIGWINCH, on which it copies the client's termi
 the container's pty. It runs health checks and records the exit in LMDB. Afterwards it
 releases the network, the cgroup and the overlay mount, and with --rm removes the container.
 
-The sync descriptor tells the CLI what happened, one line each:
+The supervisor reports to the CLI on the sync descriptor, one line per event:
     started <container pid> <supervisor pid>
     error <message>            (the runtime failed; nothing runs)
     exit <code>
@@ -45,8 +46,8 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 
-# SIGWINCH tells the supervisor that the attached client's terminal changed size; it is not
-# forwarded but copied to the container's pty, whose kernel side signals the program inside.
+# SIGWINCH means that the attached client's terminal changed size. It is not forwarded: the
+# size is copied to the container's pty, whose kernel side signals the program inside.
 RESIZE_SIGNAL = signal.SIGWINCH
 
 # When PID 1 exits the kernel kills the rest of its PID namespace, so the output pipes reach

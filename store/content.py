@@ -2,8 +2,8 @@
 
 Commit order for a blob: bytes land in ingest/, size and digest are checked, the file becomes
 read-only and is renamed into blobs/sha256/, the directory is fsynced, and only then is the
-record written. So a record without its file cannot happen. A file without a record (a crash
-between rename and record) is garbage that `gc` removes.
+record written, so lstore never records a blob whose file is not in place. A file without a
+record (a crash between rename and record) is garbage that `gc` removes.
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ def forget_environments() -> None:
     """Close the LMDB handles inherited from the parent; call first thing in a forked child.
 
     LMDB forbids using a handle across fork(), and py-lmdb refuses to open an environment
-    that is still open in the process. Closing in the child is safe for the parent: LMDB
-    clears only reader slots of the closing pid, the parent keeps its fcntl locks, and the
-    shared mutexes are destroyed only by an exclusive holder, which the child cannot be
+    that is still open in the process. Closing in the child is safe for the parent. LMDB
+    clears only the reader slots of the closing pid, and the parent keeps its fcntl locks.
+    The shared mutexes are destroyed only by an exclusive holder, which the child cannot be
     while the parent has the environment open.
     """
     with _environments_lock:

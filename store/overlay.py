@@ -226,9 +226,9 @@ def mount_overlay_classic(
     """Mount an overlay with mount(2), as kernels before 6.8 require.
 
     When the options with absolute paths exceed one page, they are rewritten relative to
-    the layers' common parent directory and mounted from a child process that changes into
-    it, because the working directory is shared by all threads of this process. Raises
-    StoreError when even the relative form does not fit.
+    the layers' common parent directory. The mount then runs in a child process that changes
+    into that directory, because the working directory is shared by all threads of this
+    process. Raises StoreError when even the relative form does not fit.
     """
     flags = nsutil.MS_RDONLY if readonly else 0
     data = ",".join(overlay_options(lowerdirs, upperdir, workdir))

@@ -39,9 +39,9 @@ class UnpackResult:
     entries: int
 
 
-# Decompressed chunks a worker thread may hold ready for the extractor. Chunks are at most about
-# 1 MiB, so one unpack keeps at most about 2 MiB of them waiting; with several layers in flight
-# more read-ahead raised the peak memory of a pull without making it faster.
+# Decompressed chunks a worker thread may keep ready for the extractor. Chunks are at most about
+# 1 MiB, so one unpack keeps at most about 2 MiB of them waiting. With several layers in
+# flight, more read-ahead raised the peak memory of a pull without making it faster.
 _READ_AHEAD_CHUNKS = 2
 
 # How often a worker blocked on a full queue checks whether the extractor stopped.

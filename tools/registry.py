@@ -104,7 +104,7 @@ def registry_config(data_dir: str, port: int) -> dict[str, object]:
 def start_registry(data_dir: str, port: int = 0) -> RegistryProcess:
     """Start the registry on 127.0.0.1:`port` (a free port when 0) storing blobs in `data_dir`.
 
-    Returns once GET /v2/ answers 200. On failure the process is stopped and ToolError carries
+    Returns once GET /v2/ returns 200. On failure the process is stopped and ToolError carries
     the registry's log.
     """
     require_tool(REGISTRY_BINARY)
@@ -149,7 +149,7 @@ def _wait_until_ready(registry: RegistryProcess) -> None:
         if _answers_v2(registry.url):
             return
         time.sleep(0.05)
-    raise ToolError(f"registry on {registry.host} did not answer /v2/ in {_START_TIMEOUT} s",
+    raise ToolError(f"registry on {registry.host} did not respond to /v2/ within {_START_TIMEOUT} s",
                     output=_read_log(registry.log_path), path=registry.data_dir)
 
 

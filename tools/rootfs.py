@@ -208,7 +208,7 @@ def apt_install_in_chroot(rootfs: str, packages: list[str]) -> None:
     """Install Debian packages inside `rootfs` with its own apt, without starting services.
 
     The package lists are removed afterwards, and apt's binary caches are never written,
-    so the new layer holds the installed files plus the downloaded .debs under
+    so the new layer contains the installed files plus the downloaded .debs under
     /var/cache/apt/archives.
     """
     policy_rc = os.path.join(rootfs, "usr", "sbin", "policy-rc.d")
@@ -275,7 +275,7 @@ def whiteout_layer(rootfs: str, deleted: list[str], replaced_dir: str,
                    files: dict[str, bytes]) -> bytes:
     """Build an uncompressed layer tar that deletes and replaces paths of `rootfs`.
 
-    For each path in `deleted` the layer holds a whiteout `.wh.<name>`; `replaced_dir`
+    For each path in `deleted` the layer contains a whiteout `.wh.<name>`; `replaced_dir`
     becomes a new directory with an opaque marker `.wh..wh..opq` and exactly `files`
     (OCI image-spec layer.md, "Whiteouts"). Paths are relative to the rootfs. No other
     entry is written, not even the parents of the whiteouts, which exist in lower layers.

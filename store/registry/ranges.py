@@ -5,7 +5,7 @@ request follows it, and later requests for the same blob go straight to the fina
 stops working (pre-signed URLs expire), when the registry is asked again.
 
 Servers differ in how they treat Range (RFC 9110 section 14): some ignore it and send 200 with
-the whole body, some answer 416, some send a Content-Range other than the one requested. Only
+the whole body, some respond with 416, some send a Content-Range other than the one requested. Only
 a 206 whose Content-Range matches the request is written at the requested offset. Anything
 else switches the download to one whole-body stream from byte 0, and IngestFile.write_at skips
 the bytes it already has. A body that breaks off is resumed from the last byte written.
