@@ -54,6 +54,8 @@ def warm_pull(store, text: str, *, platform: str | None, settings: RegistrySetti
     """
     ref = parse_reference(text)
     wanted = parse_platform(platform) if platform else host_platform()
+    if not store.images():
+        return None  # an empty store cannot have the image, so the request would be wasted
     try:
         if ref.digest is not None:
             # Content addressing makes the manifest certain, but only a record of the same
