@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lstore.bench.mounts import unmount_below
 from lstore.bench.procs import SampleError, Timed, run_timed
-from lstore.tools.command import ToolError, require_tool
+from lstore.tools.command import ToolError, read_log_tail, require_tool
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +227,12 @@ class ContainerdDaemon:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise ToolError(f"containerd exited with code {self._process.returncode}",
-                                output=_tail(self.paths.log), path=self.paths.config)
+                                output=read_log_tail(self.paths.log), path=self.paths.config)
             if os.path.exists(self.paths.socket) and self._answers():
                 return
             time.sleep(0.05)
         raise ToolError(f"containerd did not respond on {self.paths.socket} in "
-                        f"{_START_TIMEOUT:.0f} s", output=_tail(self.paths.log),
+                        f"{_START_TIMEOUT:.0f} s", output=read_log_tail(self.paths.log),
                         path=self.paths.config)
 
     def _answers(self) -> bool:
@@ -253,11 +253,3 @@ def _remove_empty_directories(path: str) -> None:
             os.rmdir(directory)
         except OSError:  # not empty: a shim or another containerd still uses it
             pass
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as file:
-            return file.read()[-4000:]
-    except OSError:
-        return ""

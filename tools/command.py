@@ -73,3 +73,12 @@ def _tail(exc: subprocess.TimeoutExpired) -> str:
     parts = [p for p in (exc.stdout, exc.stderr) if p]
     text = "".join(p if isinstance(p, str) else p.decode(errors="replace") for p in parts)
     return text[-_OUTPUT_TAIL:]
+
+
+def read_log_tail(path: str) -> str:
+    """Return the end of a tool's log file for an error message, or "" when it is unreadable."""
+    try:
+        with open(path, errors="replace") as log_file:
+            return log_file.read()[-_OUTPUT_TAIL:]
+    except OSError:
+        return ""

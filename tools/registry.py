@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from lstore.tools.command import ToolError, require_tool
+from lstore.tools.command import ToolError, read_log_tail, require_tool
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,13 @@ def _wait_until_ready(registry: RegistryProcess) -> None:
         if registry.process.poll() is not None:
             raise ToolError(
                 f"registry exited with code {registry.process.returncode} on {registry.host}",
-                output=_read_log(registry.log_path), path=registry.data_dir,
+                output=read_log_tail(registry.log_path), path=registry.data_dir,
             )
         if _answers_v2(registry.url):
             return
         time.sleep(0.05)
     raise ToolError(f"registry on {registry.host} did not respond to /v2/ within {_START_TIMEOUT} s",
-                    output=_read_log(registry.log_path), path=registry.data_dir)
+                    output=read_log_tail(registry.log_path), path=registry.data_dir)
 
 
 def _answers_v2(url: str) -> bool:
@@ -159,14 +159,6 @@ def _answers_v2(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
-
-
-def _read_log(path: str) -> str:
-    try:
-        with open(path, errors="replace") as log_file:
-            return log_file.read()[-4000:]
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
