@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
-import tarfile
 import time
 
 import pytest
@@ -16,16 +14,7 @@ from lstore.store.store import Store
 
 from lstore.errors import IntegrityError, LstoreError
 from tests.fakeregistry import FakeRegistry, registry_settings
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from tests.layers import file, tar_bytes
 
 
 def assert_nothing_committed(store: Store) -> None:
@@ -40,12 +29,12 @@ def assert_nothing_committed(store: Store) -> None:
 
 def test_blob_with_wrong_bytes_commits_nothing(tmp_path):
     store = Store(str(tmp_path / "root"))
-    good = layer_tar({"a": b"A" * 5000})
-    bad = layer_tar({"b": b"B" * 5000})
+    good = tar_bytes([file("a", b"A" * 5000)])
+    bad = tar_bytes([file("b", b"B" * 5000)])
 
     async def scenario() -> None:
         async with FakeRegistry() as registry:
-            registry.add_image("team/app", "1", [layer_tar({"base": b"x"}), good])
+            registry.add_image("team/app", "1", [tar_bytes([file("base", b"x")]), good])
             # Serve other bytes under the second layer's digest.
             digest = next(d for d, data in registry.blobs.items() if data == good)
             registry.blobs[digest] = bad
@@ -68,7 +57,7 @@ def test_missing_blob_commits_no_image(tmp_path):
 
     async def scenario() -> None:
         async with FakeRegistry() as registry:
-            registry.add_image("team/app", "1", [layer_tar({"a": b"a"})])
+            registry.add_image("team/app", "1", [tar_bytes([file("a", b"a")])])
             layer_digest = next(
                 d for d, data in registry.blobs.items() if data.startswith(b"a\0")
             )
@@ -85,7 +74,7 @@ def test_missing_blob_commits_no_image(tmp_path):
 
 def test_interrupted_download_resumes(tmp_path):
     store = Store(str(tmp_path / "root"))
-    big = layer_tar({"big": bytes(range(256)) * 8192})
+    big = tar_bytes([file("big", bytes(range(256)) * 8192)])
 
     async def scenario() -> None:
         async with FakeRegistry() as registry:
@@ -109,7 +98,7 @@ def test_interrupted_download_resumes(tmp_path):
 def test_trace_records_every_stage(tmp_path):
     store = Store(str(tmp_path / "root"))
     trace_path = str(tmp_path / "trace.jsonl")
-    layers = [layer_tar({"a": b"a" * 3_000_000}), layer_tar({"b": b"b"})]
+    layers = [tar_bytes([file("a", b"a" * 3_000_000)]), tar_bytes([file("b", b"b")])]
 
     async def scenario() -> list[str]:
         async with FakeRegistry() as registry:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 import sys
-import tarfile
 
 from lstore.store.pullimage import pull_image
 from lstore.store.store import Store
 from lstore.store.warmpull import warm_pull
-from tests.fakeregistry import FakeRegistry, FakeTokenServer, TokenBook, registry_settings
+
+from tests.fakeregistry import (
+    FakeRegistry,
+    FakeTokenServer,
+    TokenBook,
+    registry_settings,
+)
+from tests.layers import file, tar_bytes
 
 CHECK_NO_AIOHTTP = """
 import sys
@@ -20,15 +25,6 @@ code = lstore.cli.main(sys.argv[1:])
 assert "aiohttp" not in sys.modules, "the warm pull imported aiohttp"
 sys.exit(code)
 """
-
-
-def layer_tar(name: str, data: bytes) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def test_warm_pull_skips_http_client(registry, store_root):
@@ -53,8 +49,8 @@ def test_warm_pull_follows_moved_tag(tmp_path):
 
     async def scenario() -> tuple[str | None, str | None, str | None]:
         async with FakeRegistry() as registry:
-            first = registry.add_image("team/app", "1", [layer_tar("a", b"1")])
-            second = registry.add_image("team/app", "2", [layer_tar("a", b"2")])
+            first = registry.add_image("team/app", "1", [tar_bytes([file("a", b"1")])])
+            second = registry.add_image("team/app", "2", [tar_bytes([file("a", b"2")])])
             base = f"{registry.address}/team/app"
             await pull_image(store, f"{base}:1", settings=settings)
             await pull_image(store, f"{base}:2", settings=settings)
@@ -87,7 +83,7 @@ def test_warm_pull_uses_anonymous_token(tmp_path):
             registry.use_bearer(
                 tokens, f'Bearer realm="{tokens.url}/token",service="reg",scope="{{scope}}"'
             )
-            registry.add_image("team/app", "1", [layer_tar("a", b"x")])
+            registry.add_image("team/app", "1", [tar_bytes([file("a", b"x")])])
             ref = f"{registry.address}/team/app:1"
             await pull_image(store, ref, settings=settings)
             before = len(tokens.requests)
@@ -108,7 +104,7 @@ def test_warm_pull_needs_complete_content(tmp_path):
 
     async def scenario() -> str | None:
         async with FakeRegistry() as registry:
-            registry.add_image("team/app", "1", [layer_tar("a", b"x")])
+            registry.add_image("team/app", "1", [tar_bytes([file("a", b"x")])])
             ref = f"{registry.address}/team/app:1"
             await pull_image(store, ref, settings=settings)
             image = store.lookup_image(ref)
@@ -126,7 +122,7 @@ def test_digest_shortcut_needs_same_repository(tmp_path):
 
     async def scenario() -> tuple[str | None, str | None]:
         async with FakeRegistry() as registry:
-            image = registry.add_image("team/app", "1", [layer_tar("a", b"x")])
+            image = registry.add_image("team/app", "1", [tar_bytes([file("a", b"x")])])
             await pull_image(store, f"{registry.address}/team/app:1", settings=settings)
             same = await asyncio.to_thread(
                 warm_pull,
