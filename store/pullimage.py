@@ -131,14 +131,14 @@ async def pull_image(
     from lstore.store.registry.settings import RegistrySettings
 
     ref = parse_reference(text)
-    wanted = parse_platform(platform) if platform else host_platform()
+    requested = parse_platform(platform) if platform else host_platform()
     settings = settings or RegistrySettings.from_environment()
     progress = progress or PullProgress()
 
     async with locks.hold_async(store.locks_dir, GC_LOCK, shared=True):
         store.snapshots.cleanup_orphans(include_numbered=False)
         async with RegistryClient(settings) as client:
-            resolved = await client.resolve(ref, wanted, strict=platform is not None)
+            resolved = await client.resolve(ref, requested, strict=platform is not None)
             record = _image_record(ref, resolved)
             _store_small_blobs(store, resolved)
             trace = PullTrace(trace_path) if trace_path else None

@@ -53,22 +53,22 @@ def warm_pull(store, text: str, *, platform: str | None, settings: RegistrySetti
     Returns None when anything is missing or the registry needs more than this path does.
     """
     ref = parse_reference(text)
-    wanted = parse_platform(platform) if platform else host_platform()
+    requested = parse_platform(platform) if platform else host_platform()
     if not store.images():
         return None  # an empty store cannot have the image, so the request would be wasted
     try:
         if ref.digest is not None:
             # Content addressing makes the manifest certain, but only a record of the same
             # repository proves that the registry serves this digest under that name.
-            record = _find_by_digest(store, ref.digest, None, wanted, repository=ref.name)
+            record = _find_by_digest(store, ref.digest, None, requested, repository=ref.name)
         else:
-            record = _find_for_tag(store, ref, wanted, settings)
+            record = _find_for_tag(store, ref, requested, settings)
     except (_Fallback, OSError, http.client.HTTPException, ValueError) as exc:
         log.debug("warm pull of %s falls back to a full pull: %s", ref, exc)
         return None
     if record is None:
         return None
-    if platform and not _same_platform(record.platform, wanted):
+    if platform and not _same_platform(record.platform, requested):
         return None  # the full pull checks an explicit --platform and reports a mismatch
 
     name = str(ref)
@@ -77,23 +77,23 @@ def warm_pull(store, text: str, *, platform: str | None, settings: RegistrySetti
 
 
 def _find_for_tag(
-    store, ref: Reference, wanted: Platform, settings: RegistrySettings
+    store, ref: Reference, requested: Platform, settings: RegistrySettings
 ) -> ImageRecord | None:
     if CredentialStore.load(settings.docker_config).lookup(ref.registry) is not None:
         raise _Fallback("credentials are configured for this registry")
     body, content_type = _fetch_manifest(ref, settings)
     digest = Digest("sha256:" + hashlib.sha256(body).hexdigest())
-    return _find_by_digest(store, digest, (body, content_type), wanted)
+    return _find_by_digest(store, digest, (body, content_type), requested)
 
 
 def _find_by_digest(
     store,
     digest: str,
     fetched: tuple[bytes, str] | None,
-    wanted: Platform,
+    requested: Platform,
     repository: str | None = None,
 ) -> ImageRecord | None:
-    """Find a complete image whose manifest, or whose index for `wanted`, is `digest`.
+    """Find a complete image whose manifest, or whose index for `requested`, is `digest`.
 
     With `repository`, only images recorded under that repository count.
     """
@@ -101,12 +101,14 @@ def _find_by_digest(
         if repository is not None and _repository_of(record.name) != repository:
             continue
         if record.digest == digest or (
-            record.index_digest == digest and _same_platform(record.platform, wanted)
+            record.index_digest == digest and _same_platform(record.platform, requested)
         ):
             return _complete(store, record)
     if fetched is not None and _is_index(*fetched):
-        child = _select_child(fetched[0], wanted)
-        return _find_by_digest(store, child, None, wanted) if child else None
+        child = _select_child(fetched[0], requested)
+        if child is None:
+            return None
+        return _find_by_digest(store, child, None, requested)
     return None
 
 
@@ -123,9 +125,9 @@ def _complete(store, record: ImageRecord) -> ImageRecord | None:
     return record
 
 
-def _same_platform(recorded: str, wanted: Platform) -> bool:
+def _same_platform(recorded: str, requested: Platform) -> bool:
     try:
-        return bool(recorded) and parse_platform(recorded) == wanted
+        return bool(recorded) and parse_platform(recorded) == requested
     except InvalidArgumentError:
         return False
 
@@ -136,7 +138,7 @@ def _is_index(body: bytes, content_type: str) -> bool:
     return b'"manifests"' in body
 
 
-def _select_child(body: bytes, wanted: Platform) -> str | None:
+def _select_child(body: bytes, requested: Platform) -> str | None:
     from lstore.store.manifest import Index, parse_manifest
     from lstore.store.platform import select_manifest
 
@@ -144,7 +146,7 @@ def _select_child(body: bytes, wanted: Platform) -> str | None:
     if not isinstance(index, Index):
         return None
     try:
-        return select_manifest(index.manifests, wanted).digest
+        return select_manifest(index.manifests, requested).digest
     except NotFoundError:
         return None
 
