@@ -86,6 +86,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 _CLI_PID = os.getpid()
 
 
+def _describe_command(args: argparse.Namespace) -> str:
+    """Return the command and the references it was given, such as "pull busybox"."""
+    refs = getattr(args, "ref", None) or []
+    if isinstance(refs, str):
+        refs = [refs]
+    return " ".join([args.command, *refs])
+
+
 def _store_root(args: argparse.Namespace) -> str:
     from lstore.store.store import default_root
 
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lstore: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("lstore: interrupted", file=sys.stderr)
+        print(f"lstore: {_describe_command(args)} interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -217,7 +217,7 @@ def test_interrupted_pull_leaves_clean_store(registry, store_root, lstore, signu
     if process.returncode == 0:
         pytest.skip("the pull finished before the signal arrived")
     assert process.returncode == 130, stderr
-    assert stderr.strip() == "lstore: interrupted"
+    assert stderr.strip() == f"lstore: pull {ref} interrupted"
     assert not [n for n in os.listdir(snapshots) if n.startswith("tmp-")]
     assert lstore("check").returncode == 0
     assert pull_json(lstore, ref)["layers"] >= 3
